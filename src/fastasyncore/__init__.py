@@ -1,0 +1,36 @@
+"""fastasyncore: a drop-in, C-accelerated asyncore/asynchat.
+
+Use ``from fastasyncore import asyncore, asynchat`` or call :func:`install`
+before the first ``import asyncore`` so that legacy code gets these modules.
+"""
+
+import sys
+
+from . import _backend
+
+__all__ = ["BACKEND", "POLLER", "__version__", "install"]
+
+__version__ = "0.1.0"
+
+#: "cffi" when the C core is in use, "pure" otherwise.
+BACKEND: str = _backend.BACKEND
+
+
+def __getattr__(name: str) -> str:
+    if name == "POLLER":
+        from . import _loop
+        return _loop.poller_kind()
+    raise AttributeError("module 'fastasyncore' has no attribute %r" % name)
+
+
+def install() -> None:
+    """Make ``import asyncore`` / ``import asynchat`` return fastasyncore's modules.
+
+    On Python 3.12+ (no stdlib asyncore) this always works. On 3.9-3.11 it
+    works when called before the stdlib modules are first imported; if they
+    already are, they are replaced in ``sys.modules`` (modules that already
+    hold a reference to the stdlib ones keep it).
+    """
+    from . import asyncore, asynchat
+    sys.modules["asyncore"] = asyncore
+    sys.modules["asynchat"] = asynchat
