@@ -1,0 +1,206 @@
+"""CPython 3.11's own asyncore/asynchat test suites, run unmodified against fastasyncore.
+
+Each case runs ``tests/cpython_conformance.py`` in a subprocess with
+``FASTASYNCORE_BACKEND`` set, so backend selection happens for real at import
+time.  See that file for how the CPython test files are found (they are never
+copied into this repository) and how ``test.support`` differences between
+Python versions are handled.
+
+Rules asserted here:
+
+* every test passes, except ``test_repr`` (it pins the module name
+  ``asyncore``), or is skipped for a platform reason from the allow-list below;
+* the ``cffi`` case is skipped when ``fastasyncore._core`` is not importable,
+  unless ``FASTASYNCORE_REQUIRE_CORE=1``, in which case it fails;
+* a ``stdlib`` case (CPython's own modules, where they exist) validates the
+  harness itself: there even ``test_repr`` must pass.
+"""
+
+import functools
+import importlib.util
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "cpython_conformance.py"
+TIMEOUT = 300
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("_fastasyncore_cpython_conformance", RUNNER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+runner = _load_runner()
+
+
+def _ipv6_enabled():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# Skip reasons that are legitimate: (regex on the reason, is it allowed here?).
+# Anything else (e.g. "asyncore.file_wrapper required" on POSIX) means our
+# module lacks something and fails the test.
+ALLOWED_SKIPS = [
+    (r"^Not applicable to AF_UNIX sockets\.$", True),
+    (r"^test specific to AF_INET and AF_INET6$", True),
+    (r"^IPv6 support required$", not _ipv6_enabled()),
+    (r"^Unix sockets required$", not hasattr(socket, "AF_UNIX")),
+    (r"^select\.poll required$", not hasattr(select, "poll")),
+    (r"^poll may fail on macOS", sys.platform == "darwin"),
+    (r"^SO_REUSEADDR not supported", not hasattr(socket, "SO_REUSEADDR")),
+    (r"^asyncore\.file_(wrapper|dispatcher) required$", os.name != "posix"),
+    (r"sunos|Solaris", sys.platform.startswith("sunos")),
+]
+
+
+def _skip_allowed(reason):
+    return any(ok and re.search(pat, reason) for pat, ok in ALLOWED_SKIPS)
+
+
+def _fastasyncore_path():
+    """Directory to put on PYTHONPATH so the subprocess imports the same
+    fastasyncore this pytest run would (found without importing it)."""
+    spec = importlib.util.find_spec("fastasyncore")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("fastasyncore is not importable; install it first: "
+                    "python -m pip install -e '.[test]'")
+    return str(Path(list(spec.submodule_search_locations)[0]).parent)
+
+
+def _env(backend, **extra):
+    env = dict(os.environ)
+    env.pop("FASTASYNCORE_CONFORMANCE_IMPL", None)
+    if backend is not None:
+        env["FASTASYNCORE_BACKEND"] = backend
+    path = _fastasyncore_path()
+    env["PYTHONPATH"] = os.pathsep.join([path] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    env.update(extra)
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def _core_status():
+    """(importable, detail) for fastasyncore._core, probed in a subprocess."""
+    code = "import fastasyncore._core as c; print(c.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], env=_env("pure"),
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode == 0:
+        return True, proc.stdout.strip()
+    lines = (proc.stderr.strip().splitlines() or ["(no output)"])
+    return False, lines[-1]
+
+
+def _stdlib_available():
+    if sys.version_info < (3, 12):
+        return importlib.util.find_spec("asyncore") is not None
+    return importlib.util.find_spec("test.support.asyncore") is not None
+
+
+def _run(module, backend, impl, tmp_path):
+    env = _env(None if impl == "stdlib" else backend)
+    cmd = [sys.executable, str(RUNNER), module, "--json", "--impl", impl]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True,
+                              text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail("conformance run timed out after %ss; stderr tail:\n%s"
+                    % (TIMEOUT, (exc.stderr or b"")[-4000:]))
+    report = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(runner.JSON_MARKER):
+            report = json.loads(line[len(runner.JSON_MARKER):])
+    if report is None:
+        pytest.fail("runner produced no report (exit %s); stderr tail:\n%s"
+                    % (proc.returncode, proc.stderr[-6000:]))
+    return proc, report
+
+
+TESTS_DIR, TESTS_WHERE = runner.find_cpython_tests()
+needs_cpython_tests = pytest.mark.skipif(TESTS_DIR is None, reason=TESTS_WHERE)
+
+
+@needs_cpython_tests
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("module", ["asyncore", "asynchat"])
+@pytest.mark.parametrize("backend", ["pure", "cffi", "stdlib"])
+def test_cpython_suite(module, backend, tmp_path):
+    impl = "fastasyncore"
+    if backend == "stdlib":
+        if not _stdlib_available():
+            pytest.skip("no stdlib asyncore (nor test.support.asyncore) on this Python")
+        impl = "stdlib"
+    elif backend == "cffi":
+        ok, detail = _core_status()
+        if not ok:
+            msg = "fastasyncore._core is not importable: %s" % detail
+            if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
+                pytest.fail(msg + " (FASTASYNCORE_REQUIRE_CORE=1)")
+            pytest.skip(msg)
+
+    proc, report = _run(module, backend, impl, tmp_path)
+    if "import_error" in report:
+        pytest.fail("cannot import the implementation with FASTASYNCORE_BACKEND=%s: %s"
+                    % (backend, report["import_error"]))
+    if "unavailable" in report:
+        pytest.skip(report["unavailable"])
+    if impl == "fastasyncore":
+        assert report["backend"] == backend, (
+            "FASTASYNCORE_BACKEND=%s but fastasyncore.BACKEND=%r" % (backend, report["backend"]))
+
+    (res,) = report["results"]
+    assert "module_skipped" not in res, "whole module skipped: %s" % res["module_skipped"]
+    assert res["tests_run"] > 0
+
+    real_stdlib = report.get("impl_detail", "").startswith("stdlib")
+    problems = runner.unexpected_problems(res, "stdlib-real" if real_stdlib else impl)
+    bad_skips = [(tid, why) for tid, why in res["skipped"] if not _skip_allowed(why)]
+
+    summary = ("%s on %s (%s, poller %s, tests from %s): run=%d passed=%d failures=%s "
+               "errors=%s skipped=%d" % (
+                   module, backend, report.get("impl_detail"), report.get("poller"),
+                   report["tests_found_via"], res["tests_run"], res["passed"],
+                   res["failures"], res["errors"], len(res["skipped"])))
+    print(summary)
+    details = "\n".join("--- %s\n%s" % (tid, res["tracebacks"].get(tid, ""))
+                        for tid in problems)
+    assert not problems, "%s\nunexpected failures/errors: %s\n%s" % (summary, problems, details)
+    assert not bad_skips, "%s\nskips without a platform reason: %s" % (summary, bad_skips)
+    # Everything that ran either passed, was skipped, or is the known test_repr.
+    accounted = (res["passed"] + len(res["skipped"]) + len(res["failures"])
+                 + len(res["errors"]) + len(res["expected_failures"]))
+    assert accounted == res["tests_run"], summary
+
+
+def test_runner_finds_tests_or_explains():
+    """The locator either finds both files or gives a reason naming the override."""
+    directory, where = runner.find_cpython_tests()
+    if directory is None:
+        assert "FASTASYNCORE_CPYTHON_TESTS" in where
+    else:
+        assert (Path(directory) / "test_asyncore.py").is_file()
+        assert (Path(directory) / "test_asynchat.py").is_file()
+
+
+def test_runner_override_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTASYNCORE_CPYTHON_TESTS", str(tmp_path))
+    directory, where = runner.find_cpython_tests()
+    assert directory is None and str(tmp_path) in where
