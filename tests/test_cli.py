@@ -1,0 +1,120 @@
+"""``python -m fastasyncore demo|info|run|bench``, each in a subprocess."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _cli(*args, cwd=None, env=None, timeout=90):
+    return subprocess.run([sys.executable, "-m", "fastasyncore"] + list(args),
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _core_importable():
+    proc = subprocess.run([sys.executable, "-c", "import fastasyncore._core"],
+                          env=dict(os.environ, FASTASYNCORE_BACKEND="pure"),
+                          capture_output=True, timeout=60)
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("backend", ["pure", "cffi"])
+@pytest.mark.parametrize("use_poll", [False, True])
+def test_demo(backend, use_poll, tmp_path):
+    if backend == "cffi" and not _core_importable():
+        if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
+            pytest.fail("fastasyncore._core not importable (FASTASYNCORE_REQUIRE_CORE=1)")
+        pytest.skip("fastasyncore._core not importable")
+    args = ["demo", "--clients", "50", "--duration", "0.5"]
+    if use_poll:
+        args.append("--use-poll")
+    proc = _cli(*args, cwd=str(tmp_path), env=dict(os.environ, FASTASYNCORE_BACKEND=backend))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "backend:       %s" % backend in out
+    assert "poller:" in out
+    assert "50 connected, 50 accepted" in out
+    assert "requests/s:" in out
+    assert "errors:" not in out
+
+
+def test_demo_request_cap(tmp_path):
+    proc = _cli("demo", "--clients", "10", "--duration", "30", "--requests", "200",
+                cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Stops at the cap, long before the 30 s duration.
+    line = [l for l in proc.stdout.splitlines() if "requests:" in l and " in " in l][0]
+    assert int(line.split()[1]) >= 200
+    assert float(line.split(" in ")[1].split()[0]) < 25
+
+
+def test_demo_bad_arguments():
+    proc = _cli("demo", "--clients", "0")
+    assert proc.returncode != 0 and "--clients" in proc.stderr
+
+
+def test_info(tmp_path):
+    proc = _cli("info", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    for key in ("fastasyncore:", "backend:", "poller:", "python:", "platform:", "C core:",
+                "core path:"):
+        assert key in proc.stdout
+    core_line = [l for l in proc.stdout.splitlines() if l.startswith("C core:")][0]
+    assert ("not built" not in core_line) == _core_importable(), core_line
+
+
+LEGACY = textwrap.dedent("""\
+    import sys
+    import asyncore
+    import asynchat
+    import fastasyncore
+    assert asyncore is fastasyncore.asyncore, asyncore
+    assert asynchat is fastasyncore.asynchat, asynchat
+
+    class Echo(asyncore.dispatcher_with_send):
+        def handle_read(self):
+            self.send(self.recv(1024))
+
+    print("ARGV", sys.argv[1:])
+    print("NAME", __name__)
+    sys.exit(int(sys.argv[1]))
+    """)
+
+
+def test_run_script(tmp_path):
+    script = tmp_path / "legacy_prog.py"
+    script.write_text(LEGACY)
+    proc = _cli("run", str(script), "7", "-v", "--flag", cwd=str(tmp_path))
+    assert proc.returncode == 7, proc.stderr
+    assert "ARGV ['7', '-v', '--flag']" in proc.stdout
+    assert "NAME __main__" in proc.stdout
+    assert "DeprecationWarning" not in proc.stderr
+
+
+def test_run_module(tmp_path):
+    (tmp_path / "legacy_mod.py").write_text(LEGACY)
+    proc = _cli("run", "-m", "legacy_mod", "0", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "ARGV ['0']" in proc.stdout
+
+
+def test_run_missing_script(tmp_path):
+    proc = _cli("run", str(tmp_path / "nope.py"))
+    assert proc.returncode != 0
+    assert "no such file" in proc.stderr
+
+
+def test_no_command_prints_help():
+    proc = _cli()
+    assert proc.returncode == 2
+    assert "demo" in proc.stderr and "run" in proc.stderr
+
+
+def test_bench_stub():
+    proc = _cli("bench")
+    assert proc.returncode != 0
+    assert "not yet" in proc.stderr
