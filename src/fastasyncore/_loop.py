@@ -1,0 +1,399 @@
+"""One loop for both backends: interest tracking, waiting, dispatch.
+
+asyncore 3.11 rebuilds the kernel's interest set on every iteration: it asks
+every channel ``readable()``/``writable()`` and hands the whole list to
+``select()``/``poll()``.  Here each socket map owns a persistent poller
+(:class:`MapState`), and an iteration only does work for what changed:
+
+* *managed* channels -- our own ``dispatcher``, ``dispatcher_with_send`` and
+  ``async_chat`` (and subclasses) that keep our ``readable()``/``writable()`` --
+  are never asked.  Their interest is a function of state our code changes
+  (connect, accept, send buffers, close); those places call :func:`touch`, and
+  after each dispatch the channel's interest is recomputed.  An idle managed
+  channel costs nothing per iteration.
+* *consulted* channels -- anything that overrides ``readable()`` or
+  ``writable()`` (class or instance), and duck-typed objects -- are asked
+  every iteration, in map order, exactly as 3.11 does; the kernel is only told
+  when an answer changes.
+
+Events are delivered only to the dispatcher that owned the fd when the wait
+began, and never to a dispatcher after it left the map (closed) in the same
+iteration; see docs/compatibility.md.
+
+Nothing here knows the asyncore module: the API module calls :func:`poll_once`.
+"""
+
+import errno
+import math
+import os
+import threading
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from . import _backend
+
+__all__ = [
+    "ExitNow", "REraised", "DISCONNECTED", "POLLIN", "POLLPRI", "POLLOUT",
+    "MapState", "poll_once", "touch", "note_added", "note_removed",
+    "forget_map", "forget_all", "poller_kind", "register_managed",
+]
+
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
+_READ = POLLIN | POLLPRI
+_CLOSE_BITS = POLLHUP | POLLERR | POLLNVAL
+
+
+class ExitNow(Exception):
+    pass
+
+
+REraised = (ExitNow, KeyboardInterrupt, SystemExit)
+DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN,
+                          errno.ECONNABORTED, errno.EPIPE, errno.EBADF})
+
+# ---------------------------------------------------------------------------
+# Which channels are managed.
+#
+# A class is managed when its (readable, writable, _fa_mask) triple is one we
+# registered: then _fa_mask() computes, from plain attributes, exactly what
+# readable()/writable() would answer.  Cached per class.
+_MANAGED_TRIPLES: Set[Tuple[Any, Any, Any]] = set()
+_class_cache: Dict[type, Tuple[bool, bool, bool]] = {}
+
+
+def register_managed(cls: type) -> None:
+    """Declare that ``cls``'s readable/writable are mirrored by its _fa_mask."""
+    _MANAGED_TRIPLES.add((cls.readable, cls.writable, cls._fa_mask))
+    _class_cache.clear()
+
+
+def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
+    """-> (managed, must_call_readable, must_call_writable)."""
+    try:
+        return _class_cache[cls]
+    except KeyError:
+        pass
+    r = getattr(cls, "readable", None)
+    w = getattr(cls, "writable", None)
+    m = getattr(cls, "_fa_mask", None)
+    if (r, w, m) in _MANAGED_TRIPLES:
+        res = (True, False, False)
+    else:
+        # A consulted class: call only the predicates the user defined.  Ours
+        # (the base dispatcher's "return True") have no side effects, so not
+        # calling them is unobservable.
+        known_r = {t[0] for t in _MANAGED_TRIPLES}
+        known_w = {t[1] for t in _MANAGED_TRIPLES}
+        res = (False, r not in known_r or m is None, w not in known_w or m is None)
+    _class_cache[cls] = res
+    return res
+
+
+def _classify(obj: Any) -> Tuple[bool, bool, bool]:
+    managed, call_r, call_w = _classify_class(type(obj))
+    d = getattr(obj, "__dict__", None)
+    if d and ("readable" in d or "writable" in d):
+        return False, call_r or "readable" in d, call_w or "writable" in d
+    return managed, call_r, call_w
+
+
+# ---------------------------------------------------------------------------
+class MapState:
+    """The persistent poller and bookkeeping for one socket map."""
+
+    __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
+                 "full", "thread", "__weakref__")
+
+    def __init__(self, map: Dict[Any, Any]) -> None:
+        self.map = map
+        self.poller = _backend.current.Poller()
+        self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
+        self.mask: Dict[Any, int] = {}        # fd -> registered interest (non-zero)
+        # fd -> (obj, call_readable, call_writable) for channels asked each turn
+        self.consulted: Dict[Any, Tuple[Any, bool, bool]] = {}
+        self.pending: Set[Any] = set()        # fds to reconcile before waiting
+        self.full = True                      # reconcile every fd of the map
+        self.thread: Optional[int] = None     # thread inside poll_once, if any
+
+    # -- interest ----------------------------------------------------------
+    def _set_mask(self, fd: Any, m: int) -> None:
+        if self.mask.get(fd, 0) != m:
+            if m:
+                self.mask[fd] = m
+            else:
+                self.mask.pop(fd, None)
+            self.poller.modify(fd, m)
+
+    def _drop(self, fd: Any) -> None:
+        self.owner.pop(fd, None)
+        self.consulted.pop(fd, None)
+        if fd in self.mask:
+            del self.mask[fd]
+            self.poller.modify(fd, 0)
+
+    def _adopt(self, fd: Any, obj: Any) -> None:
+        managed, call_r, call_w = _classify(obj)
+        self.owner[fd] = obj
+        if managed:
+            self.consulted.pop(fd, None)
+            self._set_mask(fd, obj._fa_mask())
+        else:
+            self.consulted[fd] = (obj, call_r, call_w)
+
+    def reconcile(self) -> None:
+        """Bring owner/mask/consulted in line with the map for changed fds."""
+        m = self.map
+        if self.full or len(m) != len(self.owner):
+            self.full = False
+            self.pending.clear()
+            for fd in [fd for fd in self.owner if m.get(fd) is not self.owner[fd]]:
+                self._drop(fd)
+            # Rebuild consulted in map order (3.11 asks channels in map order).
+            old = self.consulted
+            self.consulted = {}
+            for fd, obj in list(m.items()):
+                if self.owner.get(fd) is obj and fd not in old:
+                    self._set_mask(fd, obj._fa_mask())
+                else:
+                    self._adopt(fd, obj)
+            return
+        pending = self.pending
+        while pending:
+            fd = pending.pop()
+            obj = m.get(fd)
+            if obj is None:
+                self._drop(fd)
+            elif self.owner.get(fd) is not obj:
+                self._drop(fd)
+                self._adopt(fd, obj)
+            elif fd not in self.consulted:
+                self._set_mask(fd, obj._fa_mask())
+
+    def consult(self, select_mode: bool) -> None:
+        """Ask consulted channels, as 3.11 does, and record changed answers."""
+        for fd, (obj, call_r, call_w) in list(self.consulted.items()):
+            is_r = obj.readable() if call_r else True
+            is_w = obj.writable() if call_w else True
+            m = 0
+            if is_r:
+                m = _READ
+            if is_w:
+                if not obj.accepting:
+                    m |= POLLOUT
+                if select_mode:
+                    m |= POLLPRI   # select() puts readable-or-writable in xlist
+            if self.mask.get(fd, 0) != m:
+                self._set_mask(fd, m)
+
+    def close(self) -> None:
+        self.poller.close()
+        self.owner.clear()
+        self.mask.clear()
+        self.consulted.clear()
+
+
+_states: Dict[int, MapState] = {}
+_MAX_IDLE_STATES = 32
+
+
+def _state(map: Dict[Any, Any]) -> MapState:
+    st = _states.get(id(map))
+    if st is None or st.map is not map:
+        if len(_states) >= _MAX_IDLE_STATES:
+            # States are caches; drop those of maps that are empty now.
+            for key, other in list(_states.items()):
+                if not other.map and other.thread is None:
+                    other.close()
+                    del _states[key]
+        st = _states[id(map)] = MapState(map)
+    return st
+
+
+def touch(obj: Any) -> None:
+    """A managed channel's state changed: recompute its interest before the next wait."""
+    try:
+        st = _states.get(id(obj._map))
+    except AttributeError:
+        return
+    if st is not None:
+        fd = obj._fileno
+        if fd is not None:
+            st.pending.add(fd)
+
+
+def note_added(map: Dict[Any, Any], fd: Any) -> None:
+    st = _states.get(id(map))
+    if st is not None and st.map is map:
+        st.pending.add(fd)
+
+
+def note_removed(map: Dict[Any, Any], fd: Any) -> None:
+    """fd left the map: unregister it now, before its socket is closed."""
+    st = _states.get(id(map))
+    if st is not None and st.map is map:
+        st._drop(fd)
+        st.pending.discard(fd)
+        if not map and st.thread is None:
+            forget_map(map)
+
+
+def forget_map(map: Dict[Any, Any]) -> None:
+    st = _states.pop(id(map), None)
+    if st is not None:
+        st.close()
+
+
+def forget_all() -> None:
+    for st in list(_states.values()):
+        st.close()
+    _states.clear()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's epoll/kqueue instance through the
+    # inherited fd: changing it would change the parent's registrations.
+    # Drop every state; the next iteration builds a fresh poller.
+    for st in list(_states.values()):
+        try:
+            st.poller.close()
+        except OSError:
+            pass
+    _states.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def poller_kind() -> str:
+    return _backend.current.POLLER_KINDS[0]
+
+
+# ---------------------------------------------------------------------------
+# Dispatch: the same exception routing as asyncore 3.11's read/write/_exception
+# and readwrite, plus the owner checks.
+
+def _call(obj: Any, name: str) -> None:
+    try:
+        getattr(obj, name)()
+    except REraised:
+        raise
+    except BaseException:
+        obj.handle_error()
+
+
+def _readwrite(obj: Any, flags: int, map: Dict[Any, Any], fd: Any) -> None:
+    try:
+        if flags & POLLIN:
+            obj.handle_read_event()
+            if map.get(fd) is not obj:
+                return
+        if flags & POLLOUT:
+            obj.handle_write_event()
+            if map.get(fd) is not obj:
+                return
+        if flags & POLLPRI:
+            obj.handle_expt_event()
+            if map.get(fd) is not obj:
+                return
+        if flags & _CLOSE_BITS:
+            obj.handle_close()
+    except OSError as e:
+        if e.errno not in DISCONNECTED:
+            obj.handle_error()
+        else:
+            obj.handle_close()
+    except REraised:
+        raise
+    except BaseException:
+        obj.handle_error()
+
+
+def _timeout_ms(timeout: Optional[float], select_mode: bool) -> int:
+    if timeout is None:
+        return -1
+    if select_mode:
+        if timeout < 0:
+            raise ValueError("timeout must be non-negative")
+        # select() has microsecond resolution; round up so that a short
+        # timeout is not turned into a busy poll.
+        return math.ceil(timeout * 1000)
+    # poll2(): int(timeout*1000) truncation, negative blocks (3.11 behaviour).
+    ms = int(timeout * 1000)
+    return -1 if ms < 0 else ms
+
+
+def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) -> None:
+    """One iteration of asyncore.poll (select_mode) or asyncore.poll2."""
+    st = _state(map)
+    me = threading.get_ident()
+    outer = st.thread
+    if outer is not None and outer != me:
+        raise RuntimeError("the same socket map is being polled from two threads "
+                           "at once; asyncore maps are not thread-safe")
+    st.thread = me
+    try:
+        _poll_once(st, map, timeout, select_mode)
+    finally:
+        st.thread = outer
+        if outer is None and not map:
+            forget_map(map)
+
+
+def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
+               select_mode: bool) -> None:
+    if st.pending or st.full or len(map) != len(st.owner):
+        st.reconcile()
+    if st.consulted:
+        st.consult(select_mode)
+        if st.pending or len(map) != len(st.owner):
+            st.reconcile()
+    ms = _timeout_ms(timeout, select_mode)
+    if not st.mask and select_mode:
+        time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
+        return
+    events = st.poller.wait(ms)
+    if not events:
+        return
+    owner = st.owner
+    pending = st.pending
+    if select_mode:
+        # 3.11 order: every read, then every write, then every exception.
+        reads: List[Tuple[Any, Any]] = []
+        writes: List[Tuple[Any, Any]] = []
+        expts: List[Tuple[Any, Any]] = []
+        mask = st.mask
+        for fd, ev in events:
+            obj = owner.get(fd)
+            if obj is None:
+                continue
+            m = mask.get(fd, 0)
+            if ev & POLLNVAL:
+                # select() would fail with EBADF; poll() reports NVAL.  Let the
+                # dispatcher see it as a read (its recv then fails with EBADF,
+                # which asyncore turns into handle_close()).
+                ev |= POLLIN | POLLOUT
+            if m & POLLIN and ev & (POLLIN | POLLHUP | POLLERR):
+                reads.append((fd, obj))
+            if m & POLLOUT and ev & (POLLOUT | POLLERR | POLLHUP):
+                writes.append((fd, obj))
+            if m & POLLPRI and ev & POLLPRI:
+                expts.append((fd, obj))
+        for fd, obj in reads:
+            if map.get(fd) is obj:
+                _call(obj, "handle_read_event")
+                pending.add(fd)
+        for fd, obj in writes:
+            if map.get(fd) is obj:
+                _call(obj, "handle_write_event")
+                pending.add(fd)
+        for fd, obj in expts:
+            if map.get(fd) is obj:
+                _call(obj, "handle_expt_event")
+                pending.add(fd)
+    else:
+        for fd, ev in events:
+            obj = owner.get(fd)
+            if obj is not None and map.get(fd) is obj:
+                _readwrite(obj, ev, map, fd)
+                pending.add(fd)

@@ -1,0 +1,341 @@
+"""A class supporting chat-style (command/response) protocols.
+
+A drop-in for CPython 3.11's ``asynchat`` on top of :mod:`fastasyncore.asyncore`
+(derived from CPython's asynchat.py, Sam Rushing, PSF licence).
+
+The input side walks an offset over the received bytes instead of re-slicing
+the buffer once per terminator, so a burst of N short records costs O(N) rather
+than O(N * buffer); ``collect_incoming_data()``/``found_terminator()`` see exactly
+the sequence 3.11 produces, and ``ac_in_buffer`` still reads and assigns as the
+pending bytes.
+"""
+
+from collections import deque
+
+from . import asyncore
+from ._loop import touch as _touch, POLLIN as _POLLIN, POLLPRI as _POLLPRI, \
+     POLLOUT as _POLLOUT
+from . import _loop
+
+__all__ = ["async_chat", "simple_producer", "find_prefix_at_end"]
+
+_READ = _POLLIN | _POLLPRI
+
+
+class async_chat(asyncore.dispatcher):
+    """This is an abstract class.  You must derive from this class, and add
+    the two methods collect_incoming_data() and found_terminator()"""
+
+    # these are overridable defaults
+
+    ac_in_buffer_size = 65536
+    ac_out_buffer_size = 65536
+
+    # we don't want to enable the use of encoding by default, because that is a
+    # sign of an application bug that we don't want to pass silently
+
+    use_encoding = 0
+    encoding = 'latin-1'
+
+    # The unconsumed input is _fa_in[_fa_pos:]; ac_in_buffer materialises it.
+    _fa_in = b''
+    _fa_pos = 0
+
+    def __init__(self, sock=None, map=None):
+        # for string terminator matching
+        self.ac_in_buffer = b''
+
+        # we use a list here rather than io.BytesIO for a few reasons...
+        # del lst[:] is faster than bio.truncate(0)
+        # lst = [] is faster than bio.truncate(0)
+        self.incoming = []
+
+        # we toss the use of the "simple producer" and replace it with
+        # a pure deque, which the original fifo was a wrapping of
+        self.producer_fifo = deque()
+        asyncore.dispatcher.__init__(self, sock, map)
+
+    @property
+    def ac_in_buffer(self):
+        pos = self._fa_pos
+        if pos:
+            self._fa_in = self._fa_in[pos:]
+            self._fa_pos = 0
+        return self._fa_in
+
+    @ac_in_buffer.setter
+    def ac_in_buffer(self, value):
+        self._fa_in = value
+        self._fa_pos = 0
+
+    def collect_incoming_data(self, data):
+        raise NotImplementedError("must be implemented in subclass")
+
+    def _collect_incoming_data(self, data):
+        self.incoming.append(data)
+
+    def _get_data(self):
+        d = b''.join(self.incoming)
+        del self.incoming[:]
+        return d
+
+    def found_terminator(self):
+        raise NotImplementedError("must be implemented in subclass")
+
+    def set_terminator(self, term):
+        """Set the input delimiter.
+
+        Can be a fixed string of any length, an integer, or None.
+        """
+        if isinstance(term, str) and self.use_encoding:
+            term = bytes(term, self.encoding)
+        elif isinstance(term, int) and term < 0:
+            raise ValueError('the number of received bytes must be positive')
+        self.terminator = term
+
+    def get_terminator(self):
+        return self.terminator
+
+    # grab some more data from the socket,
+    # throw it to the collector method,
+    # check for the terminator,
+    # if found, transition to the next state.
+
+    def handle_read(self):
+
+        try:
+            data = self.recv(self.ac_in_buffer_size)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.handle_error()
+            return
+
+        if isinstance(data, str) and self.use_encoding:
+            data = bytes(str, self.encoding)   # 3.11's latent bug, kept
+        self.ac_in_buffer = self.ac_in_buffer + data
+
+        # Continue to search for self.terminator in self.ac_in_buffer,
+        # while calling self.collect_incoming_data.  The while loop
+        # is necessary because we might read several data+terminator
+        # combos with a single recv(4096).
+        #
+        # Same steps as 3.11, over buf[pos:] instead of a re-sliced buffer.
+        # Before each callback the offset is stored (so ac_in_buffer reads
+        # right inside it); after it, buf/pos are reloaded (the callback may
+        # have assigned ac_in_buffer or called discard_buffers()).
+        buf = self._fa_in
+        pos = self._fa_pos
+        while len(buf) > pos:
+            lb = len(buf) - pos
+            terminator = self.get_terminator()
+            if not terminator:
+                # no terminator, collect it all
+                self.collect_incoming_data(buf[pos:] if pos else buf)
+                self.ac_in_buffer = b''
+            elif isinstance(terminator, int):
+                # numeric terminator
+                n = terminator
+                if lb < n:
+                    self.collect_incoming_data(buf[pos:] if pos else buf)
+                    self.ac_in_buffer = b''
+                    self.terminator = self.terminator - lb
+                else:
+                    self.collect_incoming_data(buf[pos:pos + n])
+                    if self._fa_in is buf and self._fa_pos == pos:
+                        self._fa_pos = pos + n
+                    else:
+                        self.ac_in_buffer = self.ac_in_buffer[n:]
+                    self.terminator = 0
+                    self.found_terminator()
+            else:
+                # 3 cases:
+                # 1) end of buffer matches terminator exactly:
+                #    collect data, transition
+                # 2) end of buffer matches some prefix:
+                #    collect data to the prefix
+                # 3) end of buffer does not match any prefix:
+                #    collect data
+                terminator_len = len(terminator)
+                index = buf.find(terminator, pos)
+                if index != -1:
+                    # we found the terminator
+                    if index > pos:
+                        # don't bother reporting the empty string
+                        # (source of subtle bugs)
+                        self.collect_incoming_data(buf[pos:index])
+                        if self._fa_in is not buf or self._fa_pos != pos:
+                            # The callback replaced the buffer: do what
+                            # 3.11 does to whatever it holds now.
+                            self.ac_in_buffer = self.ac_in_buffer[
+                                index - pos + terminator_len:]
+                            self.found_terminator()
+                            buf = self._fa_in
+                            pos = self._fa_pos
+                            continue
+                    self._fa_pos = index + terminator_len
+                    # This does the Right Thing if the terminator
+                    # is changed here.
+                    self.found_terminator()
+                else:
+                    # check for a prefix of the terminator
+                    index = _prefix_at_end(buf, pos, terminator)
+                    if index:
+                        if index != lb:
+                            # we found a prefix, collect up to the prefix
+                            self.collect_incoming_data(buf[pos:len(buf) - index])
+                            self.ac_in_buffer = self.ac_in_buffer[-index:]
+                        break
+                    else:
+                        # no prefix, collect it all
+                        self.collect_incoming_data(buf[pos:] if pos else buf)
+                        self.ac_in_buffer = b''
+            buf = self._fa_in
+            pos = self._fa_pos
+
+    def handle_write(self):
+        self.initiate_send()
+
+    def handle_close(self):
+        self.close()
+
+    def push(self, data):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError('data argument must be byte-ish (%r)',
+                            type(data))
+        sabs = self.ac_out_buffer_size
+        if len(data) > sabs:
+            for i in range(0, len(data), sabs):
+                self.producer_fifo.append(data[i:i+sabs])
+        else:
+            self.producer_fifo.append(data)
+        self.initiate_send()
+
+    def push_with_producer(self, producer):
+        self.producer_fifo.append(producer)
+        self.initiate_send()
+
+    def readable(self):
+        "predicate for inclusion in the readable for select()"
+        # cannot use the old predicate, it violates the claim of the
+        # set_terminator method.
+
+        # return (len(self.ac_in_buffer) <= self.ac_in_buffer_size)
+        return 1
+
+    def writable(self):
+        "predicate for inclusion in the writable for select()"
+        return self.producer_fifo or (not self.connected)
+
+    def _fa_mask(self):
+        if not self.accepting and (self.producer_fifo or not self.connected):
+            return _READ | _POLLOUT
+        return _READ
+
+    def close_when_done(self):
+        "automatically close this channel once the outgoing queue is empty"
+        self.producer_fifo.append(None)
+        _touch(self)
+
+    def initiate_send(self):
+        try:
+            self._initiate_send()
+        finally:
+            _touch(self)
+
+    def _initiate_send(self):
+        while self.producer_fifo and self.connected:
+            first = self.producer_fifo[0]
+            # handle empty string/buffer or None entry
+            if not first:
+                del self.producer_fifo[0]
+                if first is None:
+                    self.handle_close()
+                    return
+
+            # handle classic producer behavior
+            obs = self.ac_out_buffer_size
+            try:
+                data = first[:obs]
+            except TypeError:
+                data = first.more()
+                if data:
+                    self.producer_fifo.appendleft(data)
+                else:
+                    del self.producer_fifo[0]
+                continue
+
+            if isinstance(data, str) and self.use_encoding:
+                data = bytes(data, self.encoding)
+
+            # send the data
+            try:
+                num_sent = self.send(data)
+            except OSError:
+                self.handle_error()
+                return
+
+            if num_sent:
+                if num_sent < len(data) or obs < len(first):
+                    self.producer_fifo[0] = first[num_sent:]
+                else:
+                    del self.producer_fifo[0]
+            # we tried to send some actual data
+            return
+
+    def discard_buffers(self):
+        # Emergencies only!
+        self.ac_in_buffer = b''
+        del self.incoming[:]
+        self.producer_fifo.clear()
+        _touch(self)
+
+
+_loop.register_managed(async_chat)
+
+
+class simple_producer:
+
+    def __init__(self, data, buffer_size=512):
+        self.data = data
+        self.buffer_size = buffer_size
+
+    def more(self):
+        if len(self.data) > self.buffer_size:
+            result = self.data[:self.buffer_size]
+            self.data = self.data[self.buffer_size:]
+            return result
+        else:
+            result = self.data
+            self.data = b''
+            return result
+
+
+# Given 'haystack', see if any prefix of 'needle' is at its end.  This
+# assumes an exact match has already been checked.  Return the number of
+# characters matched.
+# for example:
+# f_p_a_e ("qwerty\r", "\r\n") => 1
+# f_p_a_e ("qwertydkjf", "\r\n") => 0
+# f_p_a_e ("qwerty\r\n", "\r\n") => <undefined>
+
+# this could maybe be made faster with a computed regex?
+# [answer: no; circa Python-2.0, Jan 2001]
+# new python:   28961/s
+# old python:   18307/s
+# re:        12820/s
+# regex:     14035/s
+
+def find_prefix_at_end(haystack, needle):
+    l = len(needle) - 1
+    while l and not haystack.endswith(needle[:l]):
+        l -= 1
+    return l
+
+
+def _prefix_at_end(buf, pos, needle):
+    # find_prefix_at_end(buf[pos:], needle) without the copy.
+    l = min(len(needle) - 1, len(buf) - pos)
+    while l and not buf.endswith(needle[:l], pos):
+        l -= 1
+    return l

@@ -1,0 +1,676 @@
+"""Basic infrastructure for asynchronous socket service clients and servers.
+
+A drop-in for CPython 3.11's ``asyncore`` module (same names, same hooks, same
+observable behaviour; see docs/compatibility.md for the bugs we fix), driven by
+fastasyncore's persistent poller (epoll/kqueue/poll) instead of a per-iteration
+``select()``.  Derived from CPython's asyncore.py (Sam Rushing, PSF licence).
+
+Module globals (``socket_map``, ``socket``, ``select``...) are looked up at call
+time, so programs and tests may rebind them as they could with the stdlib.
+"""
+
+import select
+import socket
+import sys
+import time
+import warnings
+
+import os
+from errno import EALREADY, EINPROGRESS, EWOULDBLOCK, ECONNRESET, EINVAL, \
+     ENOTCONN, ESHUTDOWN, EISCONN, EBADF, ECONNABORTED, EPIPE, EAGAIN, \
+     errorcode
+
+from . import _backend
+from . import _loop
+from ._loop import ExitNow, touch as _touch, POLLIN as _POLLIN, \
+     POLLPRI as _POLLPRI, POLLOUT as _POLLOUT
+
+__all__ = [
+    "ExitNow", "close_all", "compact_traceback", "dispatcher",
+    "dispatcher_with_send", "loop", "poll", "poll2", "poll3", "read",
+    "readwrite", "socket_map", "write",
+]
+if os.name == "posix":
+    __all__ += ["file_dispatcher", "file_wrapper"]
+
+ExitNow.__module__ = __name__
+
+_DISCONNECTED = frozenset({ECONNRESET, ENOTCONN, ESHUTDOWN, ECONNABORTED, EPIPE,
+                           EBADF})
+
+try:
+    socket_map
+except NameError:
+    socket_map = {}
+
+_READ = _POLLIN | _POLLPRI
+
+
+def _strerror(err):
+    try:
+        return os.strerror(err)
+    except (ValueError, OverflowError, NameError):
+        if err in errorcode:
+            return errorcode[err]
+        return "Unknown error %s" % err
+
+
+_reraised_exceptions = (ExitNow, KeyboardInterrupt, SystemExit)
+
+
+def read(obj):
+    try:
+        obj.handle_read_event()
+    except _reraised_exceptions:
+        raise
+    except:
+        obj.handle_error()
+
+
+def write(obj):
+    try:
+        obj.handle_write_event()
+    except _reraised_exceptions:
+        raise
+    except:
+        obj.handle_error()
+
+
+def _exception(obj):
+    try:
+        obj.handle_expt_event()
+    except _reraised_exceptions:
+        raise
+    except:
+        obj.handle_error()
+
+
+def readwrite(obj, flags):
+    try:
+        if flags & select.POLLIN:
+            obj.handle_read_event()
+        if flags & select.POLLOUT:
+            obj.handle_write_event()
+        if flags & select.POLLPRI:
+            obj.handle_expt_event()
+        if flags & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            obj.handle_close()
+    except OSError as e:
+        if e.errno not in _DISCONNECTED:
+            obj.handle_error()
+        else:
+            obj.handle_close()
+    except _reraised_exceptions:
+        raise
+    except:
+        obj.handle_error()
+
+
+def poll(timeout=0.0, map=None):
+    """One select()-style iteration: every read, then every write, then OOB.
+
+    Unlike 3.11 this is not limited to fds below FD_SETSIZE.
+    """
+    if map is None:
+        map = socket_map
+    if map:
+        _loop.poll_once(map, timeout, True)
+
+
+def poll2(timeout=0.0, map=None):
+    """One poll()-style iteration: read, write, priority, close per fd."""
+    if map is None:
+        map = socket_map
+    if map:
+        _loop.poll_once(map, timeout, False)
+
+
+poll3 = poll2                           # Alias for backward compatibility
+
+
+def loop(timeout=30.0, use_poll=False, map=None, count=None):
+    if map is None:
+        map = socket_map
+
+    if use_poll and hasattr(select, 'poll'):
+        poll_fun = poll2
+    else:
+        poll_fun = poll
+
+    if count is None:
+        while map:
+            poll_fun(timeout, map)
+
+    else:
+        while map and count > 0:
+            poll_fun(timeout, map)
+            count = count - 1
+
+
+def _fast_fd(sock):
+    """The fd to use the backend's send/recv on, or -1 to use sock's methods.
+
+    Only a plain, non-blocking ``socket.socket``: SSL sockets, file wrappers,
+    mocks and subclasses keep their own methods (and their semantics).
+    """
+    if type(sock) is socket.socket and sock.timeout == 0.0:
+        return sock.fileno()
+    return -1
+
+
+class dispatcher:
+
+    debug = False
+    connected = False
+    accepting = False
+    connecting = False
+    closing = False
+    addr = None
+    ignore_log_types = frozenset({'warning'})
+
+    def __init__(self, sock=None, map=None):
+        if map is None:
+            self._map = socket_map
+        else:
+            self._map = map
+
+        self._fileno = None
+
+        if sock:
+            # Set to nonblocking just to make sure for cases where we
+            # get a socket from a blocking source.
+            sock.setblocking(False)
+            self.set_socket(sock, map)
+            self.connected = True
+            # The constructor no longer requires that the socket
+            # passed be connected.
+            try:
+                self.addr = sock.getpeername()
+            except OSError as err:
+                if err.errno in (ENOTCONN, EINVAL):
+                    # To handle the case where we got an unconnected
+                    # socket.
+                    self.connected = False
+                else:
+                    # The socket is broken in some unknown way, alert
+                    # the user and remove it from the map (to prevent
+                    # polling of broken sockets).
+                    self.del_channel(map)
+                    raise
+        else:
+            self.socket = None
+
+    def __repr__(self):
+        status = [self.__class__.__module__+"."+self.__class__.__qualname__]
+        if self.accepting and self.addr:
+            status.append('listening')
+        elif self.connected:
+            status.append('connected')
+        if self.addr is not None:
+            try:
+                status.append('%s:%d' % self.addr)
+            except TypeError:
+                status.append(repr(self.addr))
+        return '<%s at %#x>' % (' '.join(status), id(self))
+
+    def add_channel(self, map=None):
+        if map is None:
+            map = self._map
+        map[self._fileno] = self
+        _loop.note_added(map, self._fileno)
+
+    def del_channel(self, map=None):
+        fd = self._fileno
+        if map is None:
+            map = self._map
+        # Remove only our own entry: a stale dispatcher whose fd number was
+        # reused must not unregister the new owner (3.11 deletes any entry).
+        if fd in map and map[fd] is self:
+            del map[fd]
+            _loop.note_removed(map, fd)
+        self._fileno = None
+
+    def create_socket(self, family=socket.AF_INET, type=socket.SOCK_STREAM):
+        self.family_and_type = family, type
+        sock = socket.socket(family, type)
+        sock.setblocking(False)
+        self.set_socket(sock)
+
+    def set_socket(self, sock, map=None):
+        self.socket = sock
+        self._fileno = sock.fileno()
+        self.add_channel(map)
+
+    def set_reuse_addr(self):
+        # try to re-use a server port if possible
+        try:
+            self.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR,
+                self.socket.getsockopt(socket.SOL_SOCKET,
+                                       socket.SO_REUSEADDR) | 1
+                )
+        except OSError:
+            pass
+
+    # ==================================================
+    # predicates for select()
+    # these are used as filters for the lists of sockets
+    # to pass to select().
+    # ==================================================
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def _fa_mask(self):
+        # What readable()/writable() above answer, as poll bits (the loop
+        # uses this instead of calling them; see _loop.py).
+        if self.accepting:
+            return _READ
+        return _READ | _POLLOUT
+
+    # ==================================================
+    # socket object methods.
+    # ==================================================
+
+    def listen(self, num):
+        self.accepting = True
+        _touch(self)
+        if os.name == 'nt' and num > 5:
+            num = 5
+        return self.socket.listen(num)
+
+    def bind(self, addr):
+        self.addr = addr
+        return self.socket.bind(addr)
+
+    def connect(self, address):
+        self.connected = False
+        self.connecting = True
+        _touch(self)
+        err = self.socket.connect_ex(address)
+        if err in (EINPROGRESS, EALREADY, EWOULDBLOCK) \
+        or err == EINVAL and os.name == 'nt':
+            self.addr = address
+            return
+        if err in (0, EISCONN):
+            self.addr = address
+            self.handle_connect_event()
+        else:
+            raise OSError(err, errorcode[err])
+
+    def accept(self):
+        # XXX can return either an address pair or None
+        try:
+            conn, addr = self.socket.accept()
+        except TypeError:
+            return None
+        except OSError as why:
+            if why.errno in (EWOULDBLOCK, ECONNABORTED, EAGAIN):
+                return None
+            else:
+                raise
+        else:
+            return conn, addr
+
+    def send(self, data):
+        sock = self.socket
+        fd = _fast_fd(sock)
+        if fd < 0:
+            try:
+                return sock.send(data)
+            except OSError as why:
+                err = why.errno
+                if err != EWOULDBLOCK and err not in _DISCONNECTED:
+                    raise
+        else:
+            result = _backend.current.send(fd, data)
+            if result >= 0:
+                return result
+            err = -result
+            if err != EWOULDBLOCK and err not in _DISCONNECTED:
+                raise OSError(err, _strerror(err))
+        if err in _DISCONNECTED:
+            self.handle_close()
+        return 0
+
+    def recv(self, buffer_size):
+        sock = self.socket
+        fd = _fast_fd(sock)
+        if fd < 0:
+            try:
+                data = sock.recv(buffer_size)
+            except OSError as why:
+                if why.errno in _DISCONNECTED:
+                    self.handle_close()
+                    return b''
+                raise
+        else:
+            data = _backend.current.recv(fd, buffer_size)
+            if data.__class__ is int:
+                err = -data
+                if err in _DISCONNECTED:
+                    self.handle_close()
+                    return b''
+                raise OSError(err, _strerror(err))
+        if not data:
+            # a closed connection is indicated by signaling
+            # a read condition, and having recv() return 0.
+            self.handle_close()
+            return b''
+        return data
+
+    def close(self):
+        self.connected = False
+        self.accepting = False
+        self.connecting = False
+        self.del_channel()
+        if self.socket is not None:
+            try:
+                self.socket.close()
+            except OSError as why:
+                if why.errno not in (ENOTCONN, EBADF):
+                    raise
+
+    # log and log_info may be overridden to provide more sophisticated
+    # logging and warning methods. In general, log is for 'hit' logging
+    # and 'log_info' is for informational, warning and error logging.
+
+    def log(self, message):
+        sys.stderr.write('log: %s\n' % str(message))
+
+    def log_info(self, message, type='info'):
+        if type not in self.ignore_log_types:
+            print('%s: %s' % (type, message))
+
+    def handle_read_event(self):
+        if self.accepting:
+            # accepting sockets are never connected, they "spawn" new
+            # sockets that are connected
+            self.handle_accept()
+        elif not self.connected:
+            if self.connecting:
+                self.handle_connect_event()
+            self.handle_read()
+        else:
+            self.handle_read()
+
+    def handle_connect_event(self):
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err != 0:
+            raise OSError(err, _strerror(err))
+        self.handle_connect()
+        self.connected = True
+        self.connecting = False
+        _touch(self)
+
+    def handle_write_event(self):
+        if self.accepting:
+            # Accepting sockets shouldn't get a write event.
+            # We will pretend it didn't happen.
+            return
+
+        if not self.connected:
+            if self.connecting:
+                self.handle_connect_event()
+        self.handle_write()
+
+    def handle_expt_event(self):
+        # handle_expt_event() is called if there might be an error on the
+        # socket, or if there is OOB data
+        # check for the error condition first
+        err = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err != 0:
+            # we can get here when select.select() says that there is an
+            # exceptional condition on the socket
+            # since there is an error, we'll go ahead and close the socket
+            # like we would in a subclassed handle_read() that received no
+            # data
+            self.handle_close()
+        else:
+            self.handle_expt()
+
+    def handle_error(self):
+        nil, t, v, tbinfo = compact_traceback()
+
+        # sometimes a user repr method will crash.
+        try:
+            self_repr = repr(self)
+        except:
+            self_repr = '<__repr__(self) failed for object at %0x>' % id(self)
+
+        self.log_info(
+            'uncaptured python exception, closing channel %s (%s:%s %s)' % (
+                self_repr,
+                t,
+                v,
+                tbinfo
+                ),
+            'error'
+            )
+        self.handle_close()
+
+    def handle_expt(self):
+        self.log_info('unhandled incoming priority event', 'warning')
+
+    def handle_read(self):
+        self.log_info('unhandled read event', 'warning')
+
+    def handle_write(self):
+        self.log_info('unhandled write event', 'warning')
+
+    def handle_connect(self):
+        self.log_info('unhandled connect event', 'warning')
+
+    def handle_accept(self):
+        pair = self.accept()
+        if pair is not None:
+            self.handle_accepted(*pair)
+
+    def handle_accepted(self, sock, addr):
+        sock.close()
+        self.log_info('unhandled accepted event', 'warning')
+
+    def handle_close(self):
+        self.log_info('unhandled close event', 'warning')
+        self.close()
+
+
+_loop.register_managed(dispatcher)
+
+# ---------------------------------------------------------------------------
+# adds simple buffered output capability, useful for simple clients.
+# [for more sophisticated usage use asynchat.async_chat]
+# ---------------------------------------------------------------------------
+
+
+class dispatcher_with_send(dispatcher):
+    """A dispatcher with an output buffer.
+
+    ``send()`` queues and returns None, as in 3.11.  The queue is linear
+    (pushing N bytes costs O(N)); ``out_buffer`` still reads as the pending
+    bytes and may be assigned.
+    """
+
+    def __init__(self, sock=None, map=None):
+        self._fa_out = _backend.current.SendQueue()
+        dispatcher.__init__(self, sock, map)
+
+    def _fa_queue(self):
+        # Subclasses may skip our __init__ (calling dispatcher.__init__ and
+        # assigning out_buffer themselves): create the queue on first use.
+        try:
+            return self.__dict__["_fa_out"]
+        except KeyError:
+            q = self._fa_out = _backend.current.SendQueue()
+            return q
+
+    @property
+    def out_buffer(self):
+        return self._fa_queue().getvalue()
+
+    @out_buffer.setter
+    def out_buffer(self, value):
+        q = self._fa_queue()
+        q.clear()
+        if value:
+            q.push(value)
+        _touch(self)
+
+    def initiate_send(self):
+        out = self._fa_queue()
+        fd = _fast_fd(self.socket)
+        if fd >= 0:
+            # dispatcher.send(self, out_buffer[:65536]) without the copy.
+            result = out.send(fd, 65536)
+            if result < 0:
+                err = -result
+                if err in _DISCONNECTED:
+                    self.handle_close()
+                elif err != EWOULDBLOCK:
+                    raise OSError(err, _strerror(err))
+        else:
+            num_sent = dispatcher.send(self, out.peek(65536))
+            out.consume(num_sent)
+        _touch(self)
+
+    def handle_write(self):
+        self.initiate_send()
+
+    def writable(self):
+        return (not self.connected) or len(self._fa_queue())
+
+    def _fa_mask(self):
+        if not self.accepting and (not self.connected or self._fa_queue()):
+            return _READ | _POLLOUT
+        return _READ
+
+    def send(self, data):
+        if self.debug:
+            self.log_info('sending %s' % repr(data))
+        self._fa_queue().push(data)
+        self.initiate_send()
+
+
+_loop.register_managed(dispatcher_with_send)
+
+# ---------------------------------------------------------------------------
+# used for debugging.
+# ---------------------------------------------------------------------------
+
+
+def compact_traceback():
+    t, v, tb = sys.exc_info()
+    tbinfo = []
+    if not tb: # Must have a traceback
+        raise AssertionError("traceback does not exist")
+    while tb:
+        tbinfo.append((
+            tb.tb_frame.f_code.co_filename,
+            tb.tb_frame.f_code.co_name,
+            str(tb.tb_lineno)
+            ))
+        tb = tb.tb_next
+
+    # just to be safe
+    del tb
+
+    file, function, line = tbinfo[-1]
+    info = ' '.join(['[%s|%s|%s]' % x for x in tbinfo])
+    return (file, function, line), t, v, info
+
+
+def close_all(map=None, ignore_all=False):
+    if map is None:
+        map = socket_map
+    for x in list(map.values()):
+        try:
+            x.close()
+        except OSError as x:
+            if x.errno == EBADF:
+                pass
+            elif not ignore_all:
+                raise
+        except _reraised_exceptions:
+            raise
+        except:
+            if not ignore_all:
+                raise
+    map.clear()
+    _loop.forget_map(map)
+
+# Asynchronous File I/O:
+#
+# After a little research (reading man pages on various unixen, and
+# digging through the linux kernel), I've determined that select()
+# isn't meant for doing asynchronous file i/o.
+# Heartening, though - reading linux/mm/filemap.c shows that linux
+# supports asynchronous read-ahead.  So _MOST_ of the time, the data
+# will be sitting in memory for us already when we go to read it.
+#
+# What other OS's (besides NT) support async file i/o?  [VMS?]
+#
+# Regardless, this is useful for pipes, and stdin/stdout...
+
+
+if os.name == 'posix':
+    class file_wrapper:
+        # Here we override just enough to make a file
+        # look like a socket for the purposes of asyncore.
+        # The passed fd is automatically os.dup()'d
+
+        def __init__(self, fd):
+            self.fd = os.dup(fd)
+
+        def __del__(self):
+            if self.fd >= 0:
+                warnings.warn("unclosed file %r" % self, ResourceWarning,
+                              source=self)
+            self.close()
+
+        def recv(self, *args):
+            return os.read(self.fd, *args)
+
+        def send(self, *args):
+            return os.write(self.fd, *args)
+
+        def getsockopt(self, level, optname, buflen=None):
+            if (level == socket.SOL_SOCKET and
+                optname == socket.SO_ERROR and
+                not buflen):
+                return 0
+            raise NotImplementedError("Only asyncore specific behaviour "
+                                      "implemented.")
+
+        read = recv
+        write = send
+
+        def close(self):
+            if self.fd < 0:
+                return
+            fd = self.fd
+            self.fd = -1
+            os.close(fd)
+
+        def fileno(self):
+            return self.fd
+
+    class file_dispatcher(dispatcher):
+
+        def __init__(self, fd, map=None):
+            dispatcher.__init__(self, None, map)
+            self.connected = True
+            try:
+                fd = fd.fileno()
+            except AttributeError:
+                pass
+            self.set_file(fd)
+            # set it to non-blocking mode
+            os.set_blocking(fd, False)
+
+        def set_file(self, fd):
+            self.socket = file_wrapper(fd)
+            self._fileno = self.socket.fileno()
+            self.add_channel()
