@@ -1,0 +1,135 @@
+"""Public surface: names, import behaviour, backend selection, install()."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fastasyncore
+from fastasyncore import asyncore, asynchat
+
+ASYNCORE_NAMES = """
+loop poll poll2 poll3 readwrite read write _exception close_all compact_traceback
+socket_map ExitNow _DISCONNECTED _reraised_exceptions _strerror dispatcher
+dispatcher_with_send select socket sys time warnings os EALREADY EINPROGRESS
+EWOULDBLOCK ECONNRESET EINVAL ENOTCONN ESHUTDOWN EISCONN EBADF ECONNABORTED
+EPIPE EAGAIN errorcode
+""".split()
+
+
+def run_py(code, **env):
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_asyncore_names():
+    missing = [n for n in ASYNCORE_NAMES if not hasattr(asyncore, n)]
+    assert missing == []
+    assert asyncore.poll3 is asyncore.poll2
+    if os.name == "posix":
+        assert asyncore.file_wrapper and asyncore.file_dispatcher
+    assert not hasattr(asyncore.dispatcher, "__getattr__")
+    assert asyncore._reraised_exceptions == (asyncore.ExitNow, KeyboardInterrupt, SystemExit)
+
+
+def test_asynchat_names_and_identity():
+    for n in ("async_chat", "simple_producer", "find_prefix_at_end"):
+        assert hasattr(asynchat, n)
+    assert asynchat.asyncore is asyncore
+    assert issubclass(asynchat.async_chat, asyncore.dispatcher)
+    assert not hasattr(asynchat, "fifo")
+
+
+def test_dispatcher_combines_with_thread():
+    import threading
+
+    class T(asyncore.dispatcher, threading.Thread):
+        def __init__(self):
+            asyncore.dispatcher.__init__(self, map={})
+            threading.Thread.__init__(self)
+
+    t = T()
+    assert t.socket is None and not t.is_alive()
+
+
+def test_import_emits_no_deprecation_warning():
+    r = run_py("""
+        import warnings
+        warnings.simplefilter("error")
+        from fastasyncore import asyncore, asynchat
+        print("ok")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("value,expected", [("pure", "pure"), ("auto", None), ("", None)])
+def test_backend_env_selection(value, expected):
+    r = run_py("import fastasyncore; print(fastasyncore.BACKEND)",
+               FASTASYNCORE_BACKEND=value)
+    assert r.returncode == 0, r.stderr
+    if expected:
+        assert r.stdout.strip() == expected
+    else:
+        assert r.stdout.strip() in ("pure", "cffi")
+
+
+def test_backend_env_unknown_value_raises_importerror_naming_valid_values():
+    r = run_py("import fastasyncore", FASTASYNCORE_BACKEND="bogus")
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr
+    for v in ("auto", "cffi", "pure"):
+        assert repr(v) in r.stderr
+
+
+def test_backend_env_cffi_without_core_raises():
+    # Hide the compiled core by blocking its import.
+    r = run_py("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastasyncore._core":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import fastasyncore
+    """, FASTASYNCORE_BACKEND="cffi")
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and "'pure'" in r.stderr
+
+
+def test_backend_env_auto_falls_back_to_pure_without_core():
+    r = run_py("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastasyncore._core":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import fastasyncore
+        print(fastasyncore.BACKEND)
+    """, FASTASYNCORE_BACKEND="auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "pure"
+
+
+def test_install_makes_import_asyncore_ours():
+    r = run_py("""
+        import fastasyncore
+        fastasyncore.install()
+        import asyncore, asynchat
+        from fastasyncore import asyncore as a, asynchat as c
+        assert asyncore is a and asynchat is c
+        assert asynchat.async_chat.__mro__[1] is asyncore.dispatcher
+        print("ok")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_backend_and_poller_are_visible():
+    assert fastasyncore.BACKEND in ("pure", "cffi")
+    assert fastasyncore.POLLER in ("epoll", "kqueue", "poll", "select")
