@@ -10,14 +10,29 @@ import pytest
 pytestmark = pytest.mark.timeout(120)
 
 
+def _subprocess_env(**overrides):
+    """os.environ plus the directory this run imports fastasyncore from, first on
+    PYTHONPATH (subprocesses run in other directories; found without importing)."""
+    import importlib.util
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("fastasyncore")
+    if spec is not None and spec.submodule_search_locations:
+        where = os.path.dirname(list(spec.submodule_search_locations)[0])
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([where] + parts)
+    env.update(overrides)
+    return env
+
+
 def _cli(*args, cwd=None, env=None, timeout=90):
     return subprocess.run([sys.executable, "-m", "fastasyncore"] + list(args),
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, env=env if env is not None else _subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _core_importable():
     proc = subprocess.run([sys.executable, "-c", "import fastasyncore._core"],
-                          env=dict(os.environ, FASTASYNCORE_BACKEND="pure"),
+                          env=_subprocess_env(FASTASYNCORE_BACKEND="cffi"),
                           capture_output=True, timeout=60)
     return proc.returncode == 0
 
@@ -32,7 +47,7 @@ def test_demo(backend, use_poll, tmp_path):
     args = ["demo", "--clients", "50", "--duration", "0.5"]
     if use_poll:
         args.append("--use-poll")
-    proc = _cli(*args, cwd=str(tmp_path), env=dict(os.environ, FASTASYNCORE_BACKEND=backend))
+    proc = _cli(*args, cwd=str(tmp_path), env=_subprocess_env(FASTASYNCORE_BACKEND=backend))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "backend:       %s" % backend in out

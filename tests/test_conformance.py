@@ -100,8 +100,10 @@ def _env(backend, **extra):
 @functools.lru_cache(maxsize=None)
 def _core_status():
     """(importable, detail) for fastasyncore._core, probed in a subprocess."""
+    # FASTASYNCORE_BACKEND=cffi: importing the package loads the core or
+    # raises ImportError saying why (the pure backend is not involved).
     code = "import fastasyncore._core as c; print(c.__file__)"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env("pure"),
+    proc = subprocess.run([sys.executable, "-c", code], env=_env("cffi"),
                           capture_output=True, text=True, timeout=60)
     if proc.returncode == 0:
         return True, proc.stdout.strip()
