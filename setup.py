@@ -1,0 +1,84 @@
+"""Build wiring for fastasyncore's optional C core (metadata is in pyproject.toml).
+
+``cffi_modules`` can only be given to setup() (cffi registers it as a
+setup keyword; pyproject.toml's [tool.setuptools] rejects it).
+
+Switches (environment):
+
+* ``FASTASYNCORE_PUREPYTHON=1``: no core; a pure ``py3-none-any`` wheel.
+* ``FASTASYNCORE_REQUIRE_CORE=1`` or ``CIBUILDWHEEL=1``: a failed core build
+  fails the install (a wheel must never ship pure by accident).
+* otherwise a failed core build prints a WARNING and installs pure Python.
+"""
+
+import os
+import platform
+import sys
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+PURE = _flag("FASTASYNCORE_PUREPYTHON")
+REQUIRE = _flag("FASTASYNCORE_REQUIRE_CORE") or _flag("CIBUILDWHEEL")
+# cffi ships with PyPy (whose own cffi backend is used); the core targets CPython.
+WANT_CORE = not PURE and platform.python_implementation() == "CPython"
+# abi3 only where the limited API exists: not on free-threaded builds.
+GIL = not sysconfig.get_config_var("Py_GIL_DISABLED")
+
+
+class BuildFailed(Exception):
+    pass
+
+
+class optional_build_ext(build_ext):
+    """build_ext that turns compiler failures into BuildFailed (markupsafe's way)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # DistutilsPlatformError & co.
+            raise BuildFailed(exc) from exc
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # CCompilerError, CompileError, LinkError, ...
+            raise BuildFailed(exc) from exc
+
+
+def run_setup(with_core: bool) -> None:
+    kw = {}
+    if with_core:
+        kw["cffi_modules"] = ["build.py:ffibuilder"]
+        kw["cmdclass"] = {"build_ext": optional_build_ext}
+        if GIL:
+            kw["options"] = {"bdist_wheel": {"py_limited_api": "cp39"}}
+    setup(**kw)
+
+
+def warn(exc: BaseException) -> None:
+    bar = "=" * 74
+    print(bar, file=sys.stderr)
+    print("WARNING: fastasyncore's C core could not be compiled (%s);" % exc,
+          file=sys.stderr)
+    print("installing the pure-Python backend (same API, slower). Set "
+          "FASTASYNCORE_REQUIRE_CORE=1 to make this an error.", file=sys.stderr)
+    print(bar, file=sys.stderr)
+
+
+if not WANT_CORE:
+    run_setup(False)
+elif REQUIRE:
+    run_setup(True)
+else:
+    try:
+        run_setup(True)
+    except BuildFailed as exc:
+        warn(exc)
+        run_setup(False)

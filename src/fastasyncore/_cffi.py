@@ -1,0 +1,370 @@
+"""The C-core backend: a thin wrapper over the cffi module ``fastasyncore._core``.
+
+Implements docs/backend-interface.md. Every operation is one cffi call over
+memory preallocated here; nothing in C calls back into Python. Importing this
+module raises ImportError when the core was not built.
+"""
+
+import errno as _errno
+import math as _math
+import os as _os
+import threading as _threading
+import time as _time
+from typing import Dict, List, Sequence, Tuple
+
+from ._core import ffi, lib  # ImportError when the core is not built
+
+__all__ = [
+    "NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
+    "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
+    "scan", "prefix_at_end",
+]
+
+NAME = "cffi"
+
+POLLIN = lib.FA_POLLIN
+POLLPRI = lib.FA_POLLPRI
+POLLOUT = lib.FA_POLLOUT
+POLLERR = lib.FA_POLLERR
+POLLHUP = lib.FA_POLLHUP
+POLLNVAL = lib.FA_POLLNVAL
+
+_INTEREST = POLLIN | POLLPRI | POLLOUT
+_KIND_NAMES = {lib.FA_KIND_EPOLL: "epoll", lib.FA_KIND_KQUEUE: "kqueue",
+               lib.FA_KIND_POLL: "poll"}
+_KIND_IDS = {v: k for k, v in _KIND_NAMES.items()}
+
+
+def _kinds() -> Tuple[str, ...]:
+    buf = ffi.new("int[8]")
+    n = lib.fa_poller_kinds(buf, 8)
+    return tuple(_KIND_NAMES[k] for k in ffi.unpack(buf, n))
+
+
+POLLER_KINDS: Tuple[str, ...] = _kinds()
+
+_INT_MAX = 2**31 - 1
+_SIZE_MAX = 2**63 - 1  # clamp for size_t arguments (C clamps further)
+_RECV_BUF = 65536      # the reusable recv buffer: below the 128 KiB mmap threshold
+_EINTR = _errno.EINTR
+
+
+def _check_fd(fd: int) -> int:
+    if not isinstance(fd, int):
+        raise TypeError("fd must be an int, not %s" % type(fd).__name__)
+    if fd < 0:
+        raise ValueError("fd must be >= 0, got %d" % fd)
+    if fd > _INT_MAX:
+        raise OverflowError("fd %d is too large" % fd)
+    return fd
+
+
+def _oserror(neg_errno: int) -> OSError:
+    code = -neg_errno
+    return OSError(code, _os.strerror(code))
+
+
+class Poller:
+    """A persistent level-triggered readiness set (epoll, kqueue or poll in C).
+
+    Not thread-safe: use one poller per thread, like the ``select`` objects.
+    """
+
+    __slots__ = ("kind", "_p", "_reg", "_pending", "_chg", "_chgcap",
+                 "_out", "_outcap", "_napplied", "closed")
+
+    def __init__(self, kind: "str | None" = None) -> None:
+        if kind is None:
+            kind = POLLER_KINDS[0]
+        if kind not in POLLER_KINDS:
+            raise ValueError("unknown poller kind %r (available here: %s)"
+                             % (kind, ", ".join(POLLER_KINDS)))
+        self.closed = True
+        pp = ffi.new("fa_poller **")
+        rc = lib.fa_poller_new(_KIND_IDS[kind], pp)
+        if rc < 0:
+            raise _oserror(rc)
+        self._p = ffi.gc(pp[0], lib.fa_poller_free)
+        self.kind = kind
+        self.closed = False
+        self._reg: Dict[int, int] = {}
+        self._pending: Dict[int, int] = {}
+        self._chgcap = 64
+        self._chg = ffi.new("int[]", 2 * self._chgcap)
+        self._outcap = 256
+        self._out = ffi.new("int[]", 2 * self._outcap)
+        self._napplied = ffi.new("size_t *")
+
+    def modify(self, fd: int, events: int) -> None:
+        """Set fd's interest to events (0 removes); applied at the next wait()."""
+        _check_fd(fd)
+        if not isinstance(events, int):
+            raise TypeError("events must be an int")
+        events &= _INTEREST
+        self._pending[fd] = events
+        if events:
+            self._reg[fd] = events
+        else:
+            self._reg.pop(fd, None)
+
+    def registered(self) -> Dict[int, int]:
+        return dict(self._reg)
+
+    def fileno(self) -> int:
+        if self.closed:
+            return -1
+        return lib.fa_poller_fileno(self._p)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            ffi.release(self._p)  # runs fa_poller_free now, not at GC time
+            self._pending.clear()
+
+    def __enter__(self) -> "Poller":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_changes(self) -> int:
+        pending = self._pending
+        n = len(pending)
+        if n > self._chgcap:
+            while self._chgcap < n:
+                self._chgcap *= 2
+            self._chg = ffi.new("int[]", 2 * self._chgcap)
+        chg = self._chg
+        i = 0
+        for fd, ev in pending.items():
+            chg[i] = fd
+            chg[i + 1] = ev
+            i += 2
+        return n
+
+    def wait(self, timeout_ms: int) -> List[Tuple[int, int]]:
+        """Apply pending changes, wait up to timeout_ms (< 0 blocks), return ready pairs."""
+        if self.closed:
+            raise ValueError("I/O operation on a closed poller")
+        if timeout_ms is None or timeout_ms < 0:
+            tmo = -1
+        elif isinstance(timeout_ms, int):
+            tmo = timeout_ms if timeout_ms <= _INT_MAX else _INT_MAX
+        else:  # a float: round up so that 0.5 ms does not become a busy loop
+            tmo = min(int(_math.ceil(timeout_ms)), _INT_MAX)
+        nchg = self._load_changes() if self._pending else 0
+        # Only a blocking wait with a finite timeout needs a deadline (PEP 475).
+        deadline = _time.monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
+        while True:
+            n = lib.fa_poller_wait(self._p, self._chg, nchg, tmo,
+                                   self._out, self._outcap, self._napplied)
+            if n >= 0:
+                if nchg:
+                    self._pending.clear()
+                break
+            if nchg:
+                applied = self._napplied[0]
+                if applied >= nchg:
+                    self._pending.clear()
+                else:
+                    for fd in list(self._pending)[:applied]:
+                        del self._pending[fd]
+                nchg = 0
+            if n != -_EINTR:
+                raise _oserror(n)
+            # EINTR: back in the interpreter, pending signal handlers run at
+            # the next check (this loop's backward jump); one that raises
+            # propagates out of wait(). Otherwise retry with the time left.
+            if tmo > 0:
+                left = deadline - _time.monotonic()
+                if left <= 0:
+                    n = 0
+                    break
+                tmo = int(_math.ceil(left * 1000.0))
+        if n == 0:
+            return []
+        flat = ffi.unpack(self._out, 2 * n)
+        if n == self._outcap:  # full: more may be ready, grow for next time
+            self._outcap *= 2
+            self._out = ffi.new("int[]", 2 * self._outcap)
+        it = iter(flat)
+        return list(zip(it, it))
+
+    def __repr__(self) -> str:
+        return "<fastasyncore._cffi.Poller kind=%s fds=%d%s>" % (
+            self.kind, len(self._reg), " closed" if self.closed else "")
+
+
+# ---- plain-fd I/O ----------------------------------------------------------
+
+_tls = _threading.local()
+_new_noclear = ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _recv_buf():
+    try:
+        return _tls.buf
+    except AttributeError:
+        buf = _tls.buf = _new_noclear("char[]", _RECV_BUF)
+        return buf
+
+
+def send(fd: int, data) -> int:
+    """One send(2) with MSG_NOSIGNAL: bytes sent or -errno."""
+    _check_fd(fd)
+    if type(data) is bytes:
+        return lib.fa_send(fd, data, len(data))
+    buf = ffi.from_buffer(data)
+    return lib.fa_send(fd, buf, len(buf))
+
+
+def recv(fd: int, n: int):
+    """One recv(2) of at most n bytes (clamped to 64 KiB): bytes or -errno."""
+    _check_fd(fd)
+    if not isinstance(n, int):
+        raise TypeError("n must be an int")
+    if n <= 0:
+        raise ValueError("n must be > 0, got %d" % n)
+    if n > _RECV_BUF:
+        n = _RECV_BUF
+    buf = _recv_buf()
+    r = lib.fa_recv(fd, buf, n)
+    if r < 0:
+        return r
+    return ffi.unpack(buf, r)
+
+
+def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
+    """One sendmsg(2) of up to max_bytes from chunks: bytes sent or -errno."""
+    _check_fd(fd)
+    if not isinstance(max_bytes, int):
+        raise TypeError("max_bytes must be an int")
+    if max_bytes < 0:
+        raise ValueError("max_bytes must be >= 0")
+    if max_bytes > _SIZE_MAX:
+        max_bytes = _SIZE_MAX
+    chunks = list(chunks)[:lib.FA_IOV_MAX]
+    n = len(chunks)
+    if n == 0 or max_bytes == 0:
+        return 0
+    # from_buffer keeps each chunk's buffer exported (and alive) until `keep`
+    # goes away, i.e. after the call returns.
+    keep = [ffi.from_buffer(c) for c in chunks]
+    bufs = ffi.new("char *[]", keep)
+    lens = ffi.new("size_t[]", [len(b) for b in keep])
+    return lib.fa_sendv(fd, bufs, lens, n, max_bytes)
+
+
+# ---- buffers ------------------------------------------------------------------
+
+class SendQueue:
+    """FIFO of bytes held in C memory; push() copies its argument."""
+
+    __slots__ = ("_q", "_len")
+
+    def __init__(self) -> None:
+        q = lib.fa_sendq_new()
+        if q == ffi.NULL:
+            raise MemoryError("fa_sendq_new")
+        self._q = ffi.gc(q, lib.fa_sendq_free)
+        self._len = 0
+
+    def push(self, data) -> None:
+        if type(data) is bytes:
+            n = len(data)
+            rc = lib.fa_sendq_push(self._q, data, n)
+        else:
+            if isinstance(data, str):
+                raise TypeError("data must be a bytes-like object, not str")
+            buf = ffi.from_buffer(data)
+            n = len(buf)
+            rc = lib.fa_sendq_push(self._q, buf, n)
+        if rc < 0:
+            raise MemoryError("SendQueue.push(%d bytes)" % n)
+        self._len += n
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def peek(self, n: int) -> bytes:
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if n > self._len:
+            n = self._len
+        if n == 0:
+            return b""
+        return ffi.unpack(lib.fa_sendq_data(self._q), n)
+
+    def consume(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        if n > self._len:
+            n = self._len
+        self._len -= lib.fa_sendq_consume(self._q, n)
+
+    def clear(self) -> None:
+        lib.fa_sendq_clear(self._q)
+        self._len = 0
+
+    def getvalue(self) -> bytes:
+        if not self._len:
+            return b""
+        return ffi.unpack(lib.fa_sendq_data(self._q), self._len)
+
+    def send(self, fd: int, max_bytes: int) -> int:
+        """One send of up to max_bytes from the front; consumes what was sent."""
+        _check_fd(fd)
+        if not isinstance(max_bytes, int):
+            raise TypeError("max_bytes must be an int")
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        if max_bytes > _SIZE_MAX:
+            max_bytes = _SIZE_MAX
+        r = lib.fa_sendq_send(self._q, fd, max_bytes)
+        if r > 0:
+            self._len -= r
+        return r
+
+    def __repr__(self) -> str:
+        return "<fastasyncore._cffi.SendQueue %d bytes>" % self._len
+
+
+def _as_cbuf(data):
+    if type(data) is bytes:
+        return data, len(data)
+    if isinstance(data, str):
+        raise TypeError("a bytes-like object is required, not 'str'")
+    b = ffi.from_buffer(data)
+    return b, len(b)
+
+
+def scan(buf, start: int, term, limit: int) -> List[int]:
+    """Absolute start indices of up to limit non-overlapping term hits in buf[start:]."""
+    if not isinstance(start, int) or not isinstance(limit, int):
+        raise TypeError("start and limit must be ints")
+    t, tlen = _as_cbuf(term)
+    if tlen == 0:
+        raise ValueError("term must not be empty")
+    b, blen = _as_cbuf(buf)
+    if start < 0:
+        raise ValueError("start must be >= 0")
+    if limit <= 0 or start >= blen:
+        return []
+    most = (blen - start) // tlen  # no more hits than that: bounds the array
+    if limit > most:
+        limit = most
+    if limit == 0:
+        return []
+    out = _new_noclear("size_t[]", limit)
+    n = lib.fa_scan(b, blen, start, t, tlen, out, limit)
+    return ffi.unpack(out, n) if n else []
+
+
+def prefix_at_end(haystack, needle) -> int:
+    """asynchat.find_prefix_at_end: longest proper prefix of needle ending haystack."""
+    h, hlen = _as_cbuf(haystack)
+    nd, nlen = _as_cbuf(needle)
+    return lib.fa_prefix_at_end(h, hlen, nd, nlen)
