@@ -12,6 +12,7 @@ pending bytes.
 
 from collections import deque
 
+from . import _backend
 from . import asyncore
 from ._loop import touch as _touch, POLLIN as _POLLIN, POLLPRI as _POLLPRI, \
      POLLOUT as _POLLOUT
@@ -20,6 +21,7 @@ from . import _loop
 __all__ = ["async_chat", "simple_producer", "find_prefix_at_end"]
 
 _READ = _POLLIN | _POLLPRI
+_BYTES_TYPES = (bytes, bytearray, memoryview)
 
 
 class async_chat(asyncore.dispatcher):
@@ -36,6 +38,14 @@ class async_chat(asyncore.dispatcher):
 
     use_encoding = 0
     encoding = 'latin-1'
+
+    # Opt-in limits (fastasyncore extensions; None = unlimited, as 3.11).
+    #: Bytes collected while waiting for a bytes terminator above which
+    #: handle_input_overflow() is called (default: close the channel).
+    max_input_bytes = None
+    #: Queued output bytes above which push() calls handle_output_overflow().
+    max_output_bytes = None
+    _fa_since_term = 0
 
     # The unconsumed input is _fa_in[_fa_pos:]; ac_in_buffer materialises it.
     _fa_in = b''
@@ -70,6 +80,35 @@ class async_chat(asyncore.dispatcher):
 
     def collect_incoming_data(self, data):
         raise NotImplementedError("must be implemented in subclass")
+
+    def handle_input_overflow(self):
+        """More than ``max_input_bytes`` arrived without a terminator.
+
+        The default closes the channel; the unread input is dropped.
+        """
+        self.log_info('input limit of %d bytes exceeded, closing channel %r'
+                      % (self.max_input_bytes, self), 'warning')
+        self.discard_buffers()
+        self.close()
+
+    def handle_output_overflow(self):
+        """push() took the queued output above ``max_output_bytes``.
+
+        The default closes the channel (a peer that does not read must not
+        make us buffer without bound); override to throttle instead.
+        """
+        self.log_info('output limit of %d bytes exceeded, closing channel %r'
+                      % (self.max_output_bytes, self), 'warning')
+        self.discard_buffers()
+        self.close()
+
+    def output_queued(self):
+        """How many bytes are queued for sending (producers not counted)."""
+        n = 0
+        for x in self.producer_fifo:
+            if isinstance(x, (bytes, bytearray, memoryview)):
+                n += len(x)
+        return n
 
     def _collect_incoming_data(self, data):
         self.incoming.append(data)
@@ -126,6 +165,9 @@ class async_chat(asyncore.dispatcher):
         # have assigned ac_in_buffer or called discard_buffers()).
         buf = self._fa_in
         pos = self._fa_pos
+        limit = self.max_input_bytes
+        if limit is not None and not self._fa_check_input(buf, pos, limit):
+            return
         while len(buf) > pos:
             lb = len(buf) - pos
             terminator = self.get_terminator()
@@ -193,6 +235,23 @@ class async_chat(asyncore.dispatcher):
             buf = self._fa_in
             pos = self._fa_pos
 
+    def _fa_check_input(self, buf, pos, limit):
+        # Bytes waiting for a bytes terminator: what is buffered now plus
+        # what was collected since the last terminator.
+        term = getattr(self, 'terminator', None)
+        if not term or isinstance(term, int):
+            self._fa_since_term = 0
+            return True
+        if buf.find(term, pos) != -1:
+            self._fa_since_term = 0
+            return True
+        self._fa_since_term += len(buf) - pos
+        if self._fa_since_term > limit:
+            self._fa_since_term = 0
+            self.handle_input_overflow()
+            return False
+        return True
+
     def handle_write(self):
         self.initiate_send()
 
@@ -209,6 +268,10 @@ class async_chat(asyncore.dispatcher):
                 self.producer_fifo.append(data[i:i+sabs])
         else:
             self.producer_fifo.append(data)
+        if self.max_output_bytes is not None and \
+                self.output_queued() > self.max_output_bytes:
+            self.handle_output_overflow()
+            return
         self.initiate_send()
 
     def push_with_producer(self, producer):
@@ -239,9 +302,57 @@ class async_chat(asyncore.dispatcher):
 
     def initiate_send(self):
         try:
-            self._initiate_send()
+            fd = asyncore._fast_fd(self.socket)
+            if fd >= 0 and type(self).send is asyncore.dispatcher.send \
+                    and 'send' not in self.__dict__:
+                self._initiate_sendv(fd)
+            else:
+                self._initiate_send()
         finally:
             _touch(self)
+
+    def _initiate_sendv(self, fd):
+        # The wire bytes of 3.11's initiate_send (at most ac_out_buffer_size
+        # per call), but leading byte chunks go out in one sendmsg() without
+        # slicing them first.  Anything else -- a producer, None, an empty
+        # entry, str with use_encoding -- takes 3.11's exact path.
+        fifo = self.producer_fifo
+        if not (fifo and self.connected):
+            return
+        first = fifo[0]
+        if not first or first.__class__ not in _BYTES_TYPES or len(fifo) == 1:
+            return self._initiate_send()
+        obs = self.ac_out_buffer_size
+        chunks = []
+        total = 0
+        for x in fifo:
+            if not x or x.__class__ not in _BYTES_TYPES:
+                break
+            chunks.append(x)
+            total += len(x)
+            if total >= obs or len(chunks) >= 64:
+                break
+        try:
+            n = _backend.current.sendv(fd, chunks, obs)
+            if n < 0:
+                err = -n
+                if err == asyncore.EWOULDBLOCK:
+                    return
+                if err in asyncore._DISCONNECTED:
+                    self.handle_close()
+                    return
+                raise OSError(err, asyncore._strerror(err))
+        except OSError:
+            self.handle_error()
+            return
+        while n:
+            x = fifo[0]
+            if len(x) <= n:
+                n -= len(x)
+                fifo.popleft()
+            else:
+                fifo[0] = x[n:]
+                n = 0
 
     def _initiate_send(self):
         while self.producer_fifo and self.connected:
