@@ -153,6 +153,11 @@ class Poller:
         else:  # a float: round up so that 0.5 ms does not become a busy loop
             tmo = min(int(_math.ceil(timeout_ms)), _INT_MAX)
         nchg = self._load_changes() if self._pending else 0
+        if len(self._reg) > self._outcap:
+            # room for every registered fd: all ready fds come back in one call
+            while self._outcap < len(self._reg):
+                self._outcap *= 2
+            self._out = ffi.new("int[]", 2 * self._outcap)
         # Only a blocking wait with a finite timeout needs a deadline (PEP 475).
         deadline = _time.monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
         while True:
@@ -184,9 +189,6 @@ class Poller:
         if n == 0:
             return []
         flat = ffi.unpack(self._out, 2 * n)
-        if n == self._outcap:  # full: more may be ready, grow for next time
-            self._outcap *= 2
-            self._out = ffi.new("int[]", 2 * self._outcap)
         it = iter(flat)
         return list(zip(it, it))
 

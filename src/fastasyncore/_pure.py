@@ -196,7 +196,8 @@ class Poller:
         # runs signal handlers (PEP 475); one that raises propagates.
         if kind == "epoll":
             kreg = self._kreg
-            for fd, ev in self._obj.poll(-1 if tmo < 0 else tmo / 1000.0):
+            for fd, ev in self._obj.poll(-1 if tmo < 0 else tmo / 1000.0,
+                                         max(len(kreg), 1)):
                 if fd in kreg:  # else: a stale registration (see fa_poller.c)
                     out.append((fd, ev & _REPORTED))
         elif kind == "poll":
