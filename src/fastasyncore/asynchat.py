@@ -330,7 +330,7 @@ class async_chat(asyncore.dispatcher):
                 break
             chunks.append(x)
             total += len(x)
-            if total >= obs or len(chunks) >= 64:
+            if total >= obs or len(chunks) >= 512:
                 break
         try:
             n = _backend.current.sendv(fd, chunks, obs)
