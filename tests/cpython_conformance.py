@@ -376,6 +376,9 @@ def main(argv=None):
     parser.add_argument("--tests-dir", help="directory holding CPython's test_asyncore.py "
                         "and test_asynchat.py (default: search; see module docstring)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no unittest output; only one summary line per module "
+                             "(plus tracebacks of unexpected failures)")
     parser.add_argument("--json", action="store_true", help="only print the JSON line on stdout")
     parser.add_argument("--hang-timeout", type=float, default=float(
         os.environ.get("FASTASYNCORE_CONFORMANCE_HANG_TIMEOUT", "240")),
@@ -419,23 +422,32 @@ def main(argv=None):
         return 2
     report["support_shims"] = prepare_test_support()
 
-    stream = sys.stderr
+    stream = io.StringIO() if args.quiet else sys.stderr
     report["results"] = []
     status = 0
     for module in modules:
-        res = run_module(module, tests_dir, verbosity=1 + args.verbose, stream=stream)
+        res = run_module(module, tests_dir, verbosity=0 if args.quiet else 1 + args.verbose,
+                         stream=stream)
         report["results"].append(res)
         impl_kind = "stdlib-real" if report.get("impl_detail", "").startswith("stdlib") else args.impl
-        if unexpected_problems(res, impl_kind):
+        problems = unexpected_problems(res, impl_kind)
+        if problems:
             status = 1
+            if args.quiet:
+                for tid in problems:
+                    print("--- %s\n%s" % (tid, res.get("tracebacks", {}).get(tid, "")),
+                          file=sys.stderr)
     if not args.json:
         for res in report["results"]:
-            print("%-9s run=%s passed=%s failures=%s errors=%s skipped=%s" % (
-                res["module"], res.get("tests_run"), res.get("passed"),
-                [t.rsplit(".", 1)[-1] for t in res.get("failures", [])],
-                [t.rsplit(".", 1)[-1] for t in res.get("errors", [])],
-                len(res.get("skipped", []))), file=sys.stderr)
-    print(JSON_MARKER + json.dumps(report))
+            print("conformance: Python %s, %s backend=%s poller=%s: test_%s run=%s passed=%s "
+                  "failures=%s errors=%s skipped=%s" % (
+                      report["python"], args.impl, report.get("backend"), report.get("poller"),
+                      res["module"], res.get("tests_run"), res.get("passed"),
+                      [t.rsplit(".", 1)[-1] for t in res.get("failures", [])],
+                      [t.rsplit(".", 1)[-1] for t in res.get("errors", [])],
+                      len(res.get("skipped", []))))
+    if args.json or not args.quiet:
+        print(JSON_MARKER + json.dumps(report))
     sys.stdout.flush()
     return status
 
