@@ -35,7 +35,7 @@ from . import _backend
 __all__ = [
     "ExitNow", "REraised", "DISCONNECTED", "POLLIN", "POLLPRI", "POLLOUT",
     "MapState", "poll_once", "touch", "note_added", "note_removed",
-    "forget_map", "forget_all", "poller_kind", "register_managed",
+    "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -102,11 +102,18 @@ class MapState:
     """The persistent poller and bookkeeping for one socket map."""
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
-                 "full", "thread", "__weakref__")
+                 "full", "thread", "suspended", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
-        self.poller = _backend.current.Poller()
+        try:
+            self.poller = _backend.current.Poller()
+        except OSError:
+            # epoll/kqueue need an fd of their own; out of fds (EMFILE), a
+            # poll()-based poller still works (the listener can back off).
+            if "poll" not in _backend.current.POLLER_KINDS:
+                raise
+            self.poller = _backend.current.Poller("poll")
         self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
         self.mask: Dict[Any, int] = {}        # fd -> registered interest (non-zero)
         # fd -> (obj, call_readable, call_writable) for channels asked each turn
@@ -114,6 +121,7 @@ class MapState:
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
+        self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
@@ -126,17 +134,23 @@ class MapState:
 
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)
+        self.suspended.pop(fd, None)
         self.consulted.pop(fd, None)
         if fd in self.mask:
             del self.mask[fd]
             self.poller.modify(fd, 0)
+
+    def _managed_mask(self, fd: Any, obj: Any) -> int:
+        if self.suspended and fd in self.suspended:
+            return 0
+        return obj._fa_mask()
 
     def _adopt(self, fd: Any, obj: Any) -> None:
         managed, call_r, call_w = _classify(obj)
         self.owner[fd] = obj
         if managed:
             self.consulted.pop(fd, None)
-            self._set_mask(fd, obj._fa_mask())
+            self._set_mask(fd, self._managed_mask(fd, obj))
         else:
             self.consulted[fd] = (obj, call_r, call_w)
 
@@ -153,7 +167,7 @@ class MapState:
             self.consulted = {}
             for fd, obj in list(m.items()):
                 if self.owner.get(fd) is obj and fd not in old:
-                    self._set_mask(fd, obj._fa_mask())
+                    self._set_mask(fd, self._managed_mask(fd, obj))
                 else:
                     self._adopt(fd, obj)
             return
@@ -167,7 +181,7 @@ class MapState:
                 self._drop(fd)
                 self._adopt(fd, obj)
             elif fd not in self.consulted:
-                self._set_mask(fd, obj._fa_mask())
+                self._set_mask(fd, self._managed_mask(fd, obj))
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
@@ -182,6 +196,8 @@ class MapState:
                     m |= POLLOUT
                 if select_mode:
                     m |= POLLPRI   # select() puts readable-or-writable in xlist
+            if self.suspended and fd in self.suspended:
+                m = 0
             if self.mask.get(fd, 0) != m:
                 self._set_mask(fd, m)
 
@@ -219,6 +235,18 @@ def touch(obj: Any) -> None:
         fd = obj._fileno
         if fd is not None:
             st.pending.add(fd)
+
+
+def suspend(obj: Any, seconds: float) -> None:
+    """Stop polling obj's fd for ``seconds`` (EMFILE back-off on accept)."""
+    try:
+        st = _states.get(id(obj._map))
+    except AttributeError:
+        return
+    fd = obj._fileno
+    if st is not None and fd is not None:
+        st.suspended[fd] = time.monotonic() + seconds
+        st.pending.add(fd)
 
 
 def note_added(map: Dict[Any, Any], fd: Any) -> None:
@@ -323,6 +351,19 @@ def _timeout_ms(timeout: Optional[float], select_mode: bool) -> int:
     return -1 if ms < 0 else ms
 
 
+def _resume_due(st: MapState) -> int:
+    """Resume suspended fds whose time came; -> ms until the next one, or -1."""
+    now = time.monotonic()
+    nxt = None
+    for fd, t in list(st.suspended.items()):
+        if t <= now:
+            del st.suspended[fd]
+            st.pending.add(fd)
+        elif nxt is None or t < nxt:
+            nxt = t
+    return -1 if nxt is None else math.ceil((nxt - now) * 1000)
+
+
 def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) -> None:
     """One iteration of asyncore.poll (select_mode) or asyncore.poll2."""
     st = _state(map)
@@ -342,6 +383,9 @@ def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) 
 
 def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                select_mode: bool) -> None:
+    resume_ms = -1
+    if st.suspended:
+        resume_ms = _resume_due(st)
     if st.pending or st.full or len(map) != len(st.owner):
         st.reconcile()
     if st.consulted:
@@ -349,6 +393,11 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         if st.pending or len(map) != len(st.owner):
             st.reconcile()
     ms = _timeout_ms(timeout, select_mode)
+    if resume_ms >= 0 and (ms < 0 or resume_ms < ms):
+        ms = resume_ms
+        if not st.mask and select_mode:
+            time.sleep(ms / 1000.0)
+            return
     if not st.mask and select_mode:
         time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
         return

@@ -9,6 +9,7 @@ Module globals (``socket_map``, ``socket``, ``select``...) are looked up at call
 time, so programs and tests may rebind them as they could with the stdlib.
 """
 
+import errno as _errno
 import select
 import socket
 import sys
@@ -44,6 +45,12 @@ except NameError:
     socket_map = {}
 
 _READ = _POLLIN | _POLLPRI
+# accept() errors that mean "no resources now", not "this listener is broken".
+_ACCEPT_BACKOFF = frozenset(getattr(_errno, n) for n in
+                            ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
+                            if hasattr(_errno, n))
+_ACCEPT_BACKOFF_SECONDS = 0.1
+_ACCEPT_BACKOFF_MAX = 1.0
 
 
 def _strerror(err):
@@ -310,9 +317,26 @@ class dispatcher:
         except OSError as why:
             if why.errno in (EWOULDBLOCK, ECONNABORTED, EAGAIN):
                 return None
-            else:
-                raise
+            if why.errno in _ACCEPT_BACKOFF:
+                # Out of fds/memory: 3.11 raises, and the default
+                # handle_error() then closes the *listener* for good (or a
+                # logging handle_error spins: the pending connection keeps
+                # the listener readable).  Stop polling the listener for a
+                # moment instead and tell the user once per episode.
+                pause = self.__dict__.get('_fa_accept_pause')
+                if pause is None:
+                    pause = _ACCEPT_BACKOFF_SECONDS
+                    self.log_info('accept() failed (%s); pausing accepts '
+                                  '(%.1f s, doubling up to %.0f s) until it '
+                                  'succeeds' % (why, pause, _ACCEPT_BACKOFF_MAX),
+                                  'error')
+                _loop.suspend(self, pause)
+                self._fa_accept_pause = min(pause * 2, _ACCEPT_BACKOFF_MAX)
+                return None
+            raise
         else:
+            if '_fa_accept_pause' in self.__dict__:
+                del self._fa_accept_pause
             return conn, addr
 
     def send(self, data):
