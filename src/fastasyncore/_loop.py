@@ -266,15 +266,22 @@ def note_removed(map: Dict[Any, Any], fd: Any) -> None:
 
 
 def forget_map(map: Dict[Any, Any]) -> None:
-    st = _states.pop(id(map), None)
-    if st is not None:
-        st.close()
+    st = _states.get(id(map))
+    if st is None or st.map is not map:
+        return
+    if st.thread is not None:
+        # Another thread (or an outer frame) is inside this poller's wait:
+        # freeing it now would pull the memory from under the C call.  The
+        # owner of the wait forgets the map when it returns (poll_once).
+        st.full = True
+        return
+    del _states[id(map)]
+    st.close()
 
 
 def forget_all() -> None:
     for st in list(_states.values()):
-        st.close()
-    _states.clear()
+        forget_map(st.map)
 
 
 def _after_fork_in_child() -> None:
