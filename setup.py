@@ -81,4 +81,9 @@ else:
         run_setup(True)
     except BuildFailed as exc:
         warn(exc)
+        # An in-tree build/ may hold a core from an earlier successful build;
+        # it must not end up in the pure wheel.
+        import glob
+        for stale in glob.glob(os.path.join("build", "lib*", "fastasyncore", "_core*")):
+            os.remove(stale)
         run_setup(False)
