@@ -116,8 +116,8 @@ class MapState:
             self.poller = _backend.current.Poller("poll")
         self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
         self.mask: Dict[Any, int] = {}        # fd -> registered interest (non-zero)
-        # fd -> (obj, call_readable, call_writable) for channels asked each turn
-        self.consulted: Dict[Any, Tuple[Any, bool, bool]] = {}
+        # fd -> (fd, obj, call_readable, call_writable): channels asked each turn
+        self.consulted: Dict[Any, Tuple[Any, Any, bool, bool]] = {}
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
@@ -152,7 +152,7 @@ class MapState:
             self.consulted.pop(fd, None)
             self._set_mask(fd, self._managed_mask(fd, obj))
         else:
-            self.consulted[fd] = (obj, call_r, call_w)
+            self.consulted[fd] = (fd, obj, call_r, call_w)
 
     def reconcile(self) -> None:
         """Bring owner/mask/consulted in line with the map for changed fds."""
@@ -185,20 +185,18 @@ class MapState:
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
-        for fd, (obj, call_r, call_w) in list(self.consulted.items()):
-            is_r = obj.readable() if call_r else True
-            is_w = obj.writable() if call_w else True
-            m = 0
-            if is_r:
-                m = _READ
-            if is_w:
+        mask = self.mask
+        susp = self.suspended
+        extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
+        for fd, obj, call_r, call_w in list(self.consulted.values()):
+            m = _READ if (not call_r or obj.readable()) else 0
+            if not call_w or obj.writable():
+                m |= extra
                 if not obj.accepting:
                     m |= POLLOUT
-                if select_mode:
-                    m |= POLLPRI   # select() puts readable-or-writable in xlist
-            if self.suspended and fd in self.suspended:
+            if susp and fd in susp:
                 m = 0
-            if self.mask.get(fd, 0) != m:
+            if mask.get(fd, 0) != m:
                 self._set_mask(fd, m)
 
     def close(self) -> None:
@@ -413,6 +411,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         return
     owner = st.owner
     pending = st.pending
+    consulted = st.consulted
     if select_mode:
         # 3.11 order: every read, then every write, then every exception.
         reads: List[Tuple[Any, Any]] = []
@@ -438,18 +437,22 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         for fd, obj in reads:
             if map.get(fd) is obj:
                 _call(obj, "handle_read_event")
-                pending.add(fd)
+                if fd not in consulted:
+                    pending.add(fd)
         for fd, obj in writes:
             if map.get(fd) is obj:
                 _call(obj, "handle_write_event")
-                pending.add(fd)
+                if fd not in consulted:
+                    pending.add(fd)
         for fd, obj in expts:
             if map.get(fd) is obj:
                 _call(obj, "handle_expt_event")
-                pending.add(fd)
+                if fd not in consulted:
+                    pending.add(fd)
     else:
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is not None and map.get(fd) is obj:
                 _readwrite(obj, ev, map, fd)
-                pending.add(fd)
+                if fd not in consulted:
+                    pending.add(fd)

@@ -155,12 +155,14 @@ def loop(timeout=30.0, use_poll=False, map=None, count=None):
 
 
 def _fast_fd(sock):
-    """The fd to use the backend's send/recv on, or -1 to use sock's methods.
+    """The fd for the C core's buffer I/O, or -1 to use sock's own methods.
 
-    Only a plain, non-blocking ``socket.socket``: SSL sockets, file wrappers,
-    mocks and subclasses keep their own methods (and their semantics).
+    Only a plain, non-blocking ``socket.socket`` on the C backend: SSL
+    sockets, file wrappers, mocks and subclasses keep their own methods (and
+    their semantics); the pure backend has nothing faster than them.
     """
-    if type(sock) is socket.socket and sock.timeout == 0.0:
+    if type(sock) is socket.socket and sock.timeout == 0.0 \
+            and _backend.current.NAME == "cffi":
         return sock.fileno()
     return -1
 
@@ -340,51 +342,39 @@ class dispatcher:
             return conn, addr
 
     def send(self, data):
-        sock = self.socket
-        fd = _fast_fd(sock)
-        if fd < 0:
-            try:
-                return sock.send(data)
-            except OSError as why:
-                err = why.errno
-                if err != EWOULDBLOCK and err not in _DISCONNECTED:
-                    raise
-        else:
-            result = _backend.current.send(fd, data)
-            if result >= 0:
-                return result
-            err = -result
-            if err != EWOULDBLOCK and err not in _DISCONNECTED:
-                raise OSError(err, _strerror(err))
-        if err in _DISCONNECTED:
-            self.handle_close()
-        return 0
+        # The socket's own send/recv, as 3.11: on the success path they beat
+        # a cffi call plus a copy out of a C buffer (measured: sock.recv is
+        # ~330 ns cheaper per call); the C core pays off in the buffer paths
+        # (dispatcher_with_send, async_chat) and the poller.
+        try:
+            result = self.socket.send(data)
+            return result
+        except OSError as why:
+            if why.errno == EWOULDBLOCK:
+                return 0
+            elif why.errno in _DISCONNECTED:
+                self.handle_close()
+                return 0
+            else:
+                raise
 
     def recv(self, buffer_size):
-        sock = self.socket
-        fd = _fast_fd(sock)
-        if fd < 0:
-            try:
-                data = sock.recv(buffer_size)
-            except OSError as why:
-                if why.errno in _DISCONNECTED:
-                    self.handle_close()
-                    return b''
+        try:
+            data = self.socket.recv(buffer_size)
+            if not data:
+                # a closed connection is indicated by signaling
+                # a read condition, and having recv() return 0.
+                self.handle_close()
+                return b''
+            else:
+                return data
+        except OSError as why:
+            # winsock sometimes raises ENOTCONN
+            if why.errno in _DISCONNECTED:
+                self.handle_close()
+                return b''
+            else:
                 raise
-        else:
-            data = _backend.current.recv(fd, buffer_size)
-            if data.__class__ is int:
-                err = -data
-                if err in _DISCONNECTED:
-                    self.handle_close()
-                    return b''
-                raise OSError(err, _strerror(err))
-        if not data:
-            # a closed connection is indicated by signaling
-            # a read condition, and having recv() return 0.
-            self.handle_close()
-            return b''
-        return data
 
     def close(self):
         self.connected = False
