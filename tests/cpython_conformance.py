@@ -111,6 +111,27 @@ def find_cpython_tests():
                   % sys.version_info[:2])
 
 
+def find_cpython311_tests():
+    """The CPython 3.11 test files specifically (the running interpreter's on
+    3.11, else pyenv's 3.11), or None.  ``FASTASYNCORE_CPYTHON_TESTS`` is not
+    consulted.  On 3.9/3.10 the default search finds that interpreter's own
+    (older) files; the 3.11 files run there too, with test.support fallbacks."""
+    if sys.version_info[:2] == (3, 11) and not os.environ.get("FASTASYNCORE_CPYTHON_TESTS"):
+        directory, _ = find_cpython_tests()
+        if directory:
+            return directory
+    roots = []
+    if os.environ.get("PYENV_ROOT"):
+        roots.append(os.environ["PYENV_ROOT"])
+    roots.append(os.path.expanduser("~/.pyenv"))
+    for root in roots:
+        for cand in sorted(glob.glob(os.path.join(root, "versions", "3.11*", "lib",
+                                                  "python3.11", "test")), reverse=True):
+            if _has_files(cand):
+                return cand
+    return None
+
+
 # --------------------------------------------------------------------------
 # test.support compatibility (in-memory only)
 # --------------------------------------------------------------------------

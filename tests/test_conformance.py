@@ -6,6 +6,9 @@ time.  See that file for how the CPython test files are found (they are never
 copied into this repository) and how ``test.support`` differences between
 Python versions are handled.
 
+On 3.9/3.10 the interpreter's own (older) test files run, and CPython 3.11's
+files as well when a 3.11 installation is found (parameter ``source``).
+
 Rules asserted here:
 
 * every test passes, except ``test_repr`` (it pins the module name
@@ -117,9 +120,10 @@ def _stdlib_available():
     return importlib.util.find_spec("test.support.asyncore") is not None
 
 
-def _run(module, backend, impl, tmp_path):
+def _run(module, backend, impl, tmp_path, tests_dir):
     env = _env(None if impl == "stdlib" else backend)
-    cmd = [sys.executable, str(RUNNER), module, "--json", "--impl", impl]
+    cmd = [sys.executable, str(RUNNER), module, "--json", "--impl", impl,
+           "--tests-dir", tests_dir]
     try:
         proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True,
                               text=True, timeout=TIMEOUT)
@@ -139,12 +143,22 @@ def _run(module, backend, impl, tmp_path):
 TESTS_DIR, TESTS_WHERE = runner.find_cpython_tests()
 needs_cpython_tests = pytest.mark.skipif(TESTS_DIR is None, reason=TESTS_WHERE)
 
+# Which test files to run: "default" is what find_cpython_tests() found (on
+# 3.9/3.10 that interpreter's own files); on 3.9/3.10 the CPython 3.11 files
+# run as well ("cpython3.11") when a 3.11 installation is around.
+SOURCES = {"default": TESTS_DIR}
+_DIR311 = runner.find_cpython311_tests()
+if (_DIR311 and TESTS_DIR and sys.version_info < (3, 11)
+        and os.path.realpath(_DIR311) != os.path.realpath(TESTS_DIR)):
+    SOURCES["cpython3.11"] = _DIR311
+
 
 @needs_cpython_tests
 @pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("module", ["asyncore", "asynchat"])
 @pytest.mark.parametrize("backend", ["pure", "cffi", "stdlib"])
-def test_cpython_suite(module, backend, tmp_path):
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_cpython_suite(source, module, backend, tmp_path):
     impl = "fastasyncore"
     if backend == "stdlib":
         if not _stdlib_available():
@@ -158,7 +172,7 @@ def test_cpython_suite(module, backend, tmp_path):
                 pytest.fail(msg + " (FASTASYNCORE_REQUIRE_CORE=1)")
             pytest.skip(msg)
 
-    proc, report = _run(module, backend, impl, tmp_path)
+    proc, report = _run(module, backend, impl, tmp_path, SOURCES[source])
     if "import_error" in report:
         pytest.fail("cannot import the implementation with FASTASYNCORE_BACKEND=%s: %s"
                     % (backend, report["import_error"]))
@@ -179,7 +193,7 @@ def test_cpython_suite(module, backend, tmp_path):
     summary = ("%s on %s (%s, poller %s, tests from %s): run=%d passed=%d failures=%s "
                "errors=%s skipped=%d" % (
                    module, backend, report.get("impl_detail"), report.get("poller"),
-                   report["tests_found_via"], res["tests_run"], res["passed"],
+                   report["tests_dir"], res["tests_run"], res["passed"],
                    res["failures"], res["errors"], len(res["skipped"])))
     print(summary)
     details = "\n".join("--- %s\n%s" % (tid, res["tracebacks"].get(tid, ""))
