@@ -808,3 +808,29 @@ def test_prefix_at_end(be):
     assert be.prefix_at_end(bytearray(b"ab"), memoryview(b"bc")) == 1
     with pytest.raises(TypeError):
         be.prefix_at_end("ab", b"b")
+
+
+# ---- packaging: the top-level build.py must not hide pypa/build -------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "build.py")),
+                    reason="not a source checkout")
+def test_build_py_hands_over_to_pypa_build():
+    probe = subprocess.run([sys.executable, "-c", "import build"], cwd="/",
+                           capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("pypa 'build' is not installed")
+    # `import build` from the project root (cibuildwheel does this) gets pypa's
+    code = "from build import ProjectBuilder; import build; print(build.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.abspath(proc.stdout.strip()) != os.path.join(ROOT, "build.py")
+    # `python -m build --version` from the project root runs pypa's CLI
+    proc = subprocess.run([sys.executable, "-m", "build", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("build "), proc.stdout
+    assert not os.path.exists(os.path.join(ROOT, "_core.c"))
