@@ -1,53 +1,30 @@
 """``python -m fastasyncore demo|info|run|bench``, each in a subprocess."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from _subproc import core_status, need_backend, subprocess_env
+
 pytestmark = pytest.mark.timeout(120)
-
-
-def _subprocess_env(**overrides):
-    """os.environ plus the directory this run imports fastasyncore from, first on
-    PYTHONPATH (subprocesses run in other directories; found without importing)."""
-    import importlib.util
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("fastasyncore")
-    if spec is not None and spec.submodule_search_locations:
-        where = os.path.dirname(list(spec.submodule_search_locations)[0])
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join([where] + parts)
-    env.update(overrides)
-    return env
 
 
 def _cli(*args, cwd=None, env=None, timeout=90):
     return subprocess.run([sys.executable, "-m", "fastasyncore"] + list(args),
-                          cwd=cwd, env=env if env is not None else _subprocess_env(),
+                          cwd=cwd, env=env if env is not None else subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _core_importable():
-    proc = subprocess.run([sys.executable, "-c", "import fastasyncore._core"],
-                          env=_subprocess_env(FASTASYNCORE_BACKEND="cffi"),
-                          capture_output=True, timeout=60)
-    return proc.returncode == 0
 
 
 @pytest.mark.parametrize("backend", ["pure", "cffi"])
 @pytest.mark.parametrize("use_poll", [False, True])
 def test_demo(backend, use_poll, tmp_path):
-    if backend == "cffi" and not _core_importable():
-        if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
-            pytest.fail("fastasyncore._core not importable (FASTASYNCORE_REQUIRE_CORE=1)")
-        pytest.skip("fastasyncore._core not importable")
+    need_backend(backend)
     args = ["demo", "--clients", "50", "--duration", "0.5"]
     if use_poll:
         args.append("--use-poll")
-    proc = _cli(*args, cwd=str(tmp_path), env=_subprocess_env(FASTASYNCORE_BACKEND=backend))
+    proc = _cli(*args, cwd=str(tmp_path), env=subprocess_env(FASTASYNCORE_BACKEND=backend))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "backend:       %s" % backend in out
@@ -79,7 +56,7 @@ def test_info(tmp_path):
                 "core path:"):
         assert key in proc.stdout
     core_line = [l for l in proc.stdout.splitlines() if l.startswith("C core:")][0]
-    assert ("not built" not in core_line) == _core_importable(), core_line
+    assert ("not built" not in core_line) == core_status()[0], core_line
 
 
 LEGACY = textwrap.dedent("""\

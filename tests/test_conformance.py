@@ -19,7 +19,6 @@ Rules asserted here:
   harness itself: there even ``test_repr`` must pass.
 """
 
-import functools
 import importlib.util
 import json
 import os
@@ -31,6 +30,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _subproc import need_backend, subprocess_env
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "cpython_conformance.py"
@@ -78,40 +79,12 @@ def _skip_allowed(reason):
     return any(ok and re.search(pat, reason) for pat, ok in ALLOWED_SKIPS)
 
 
-def _fastasyncore_path():
-    """Directory to put on PYTHONPATH so the subprocess imports the same
-    fastasyncore this pytest run would (found without importing it)."""
-    spec = importlib.util.find_spec("fastasyncore")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("fastasyncore is not importable; install it first: "
-                    "python -m pip install -e '.[test]'")
-    return str(Path(list(spec.submodule_search_locations)[0]).parent)
-
-
-def _env(backend, **extra):
-    env = dict(os.environ)
+def _env(backend):
+    env = subprocess_env()
     env.pop("FASTASYNCORE_CONFORMANCE_IMPL", None)
     if backend is not None:
         env["FASTASYNCORE_BACKEND"] = backend
-    path = _fastasyncore_path()
-    env["PYTHONPATH"] = os.pathsep.join([path] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    env.update(extra)
     return env
-
-
-@functools.lru_cache(maxsize=None)
-def _core_status():
-    """(importable, detail) for fastasyncore._core, probed in a subprocess."""
-    # FASTASYNCORE_BACKEND=cffi: importing the package loads the core or
-    # raises ImportError saying why (the pure backend is not involved).
-    code = "import fastasyncore._core as c; print(c.__file__)"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env("cffi"),
-                          capture_output=True, text=True, timeout=60)
-    if proc.returncode == 0:
-        return True, proc.stdout.strip()
-    lines = (proc.stderr.strip().splitlines() or ["(no output)"])
-    return False, lines[-1]
 
 
 def _stdlib_available():
@@ -164,13 +137,8 @@ def test_cpython_suite(source, module, backend, tmp_path):
         if not _stdlib_available():
             pytest.skip("no stdlib asyncore (nor test.support.asyncore) on this Python")
         impl = "stdlib"
-    elif backend == "cffi":
-        ok, detail = _core_status()
-        if not ok:
-            msg = "fastasyncore._core is not importable: %s" % detail
-            if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
-                pytest.fail(msg + " (FASTASYNCORE_REQUIRE_CORE=1)")
-            pytest.skip(msg)
+    else:
+        need_backend(backend)
 
     proc, report = _run(module, backend, impl, tmp_path, SOURCES[source])
     if "import_error" in report:

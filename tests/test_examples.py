@@ -3,7 +3,6 @@
 import hashlib
 import http.server
 import importlib.util
-import os
 import subprocess
 import sys
 import threading
@@ -11,22 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from _subproc import need_backend, subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "http_client.py"
 
-
-def _subprocess_env(**overrides):
-    """os.environ plus the directory this run imports fastasyncore from, first on
-    PYTHONPATH (subprocesses run in other directories; found without importing)."""
-    import importlib.util
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("fastasyncore")
-    if spec is not None and spec.submodule_search_locations:
-        where = os.path.dirname(list(spec.submodule_search_locations)[0])
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join([where] + parts)
-    env.update(overrides)
-    return env
 
 
 # Large enough to need many recv(8192) calls, deterministic, not all one byte.
@@ -94,15 +82,8 @@ def test_http_client_example_in_process(http_server):
 @pytest.mark.parametrize("backend", ["pure", "cffi"])
 def test_http_client_example_script(http_server, backend, tmp_path):
     """Run the example as a program, as a user would, under each backend."""
-    if backend == "cffi":
-        probe = subprocess.run(
-            [sys.executable, "-c", "import fastasyncore._core"],
-            env=_subprocess_env(FASTASYNCORE_BACKEND="cffi"), capture_output=True, timeout=60)
-        if probe.returncode != 0:
-            if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
-                pytest.fail("fastasyncore._core not importable (FASTASYNCORE_REQUIRE_CORE=1)")
-            pytest.skip("fastasyncore._core not importable")
-    env = _subprocess_env(FASTASYNCORE_BACKEND=backend)
+    need_backend(backend)
+    env = subprocess_env(FASTASYNCORE_BACKEND=backend)
     proc = subprocess.run([sys.executable, str(EXAMPLE), "127.0.0.1", str(http_server), "/blob"],
                           env=env, cwd=str(tmp_path), capture_output=True, timeout=45)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
