@@ -337,12 +337,6 @@ class _Result(unittest.TextTestResult):
         self.passed.append(test.id())
 
 
-def _short_id(test_id):
-    # "test_asyncore.DispatcherTests.test_repr" -> kept as is; callers match
-    # on the last component.
-    return test_id
-
-
 def run_module(module, tests_dir, verbosity=1, stream=None):
     path = os.path.join(tests_dir, "test_%s.py" % module)
     name = "test_%s" % module
@@ -365,24 +359,24 @@ def run_module(module, tests_dir, verbosity=1, stream=None):
         seconds=round(time.monotonic() - t0, 3),
         tests_run=result.testsRun,
         passed=len(result.passed),
-        failures=[_short_id(t.id()) for t, _ in result.failures],
-        errors=[_short_id(t.id()) for t, _ in result.errors],
-        skipped=[[_short_id(t.id()), str(reason)] for t, reason in result.skipped],
-        expected_failures=[_short_id(t.id()) for t, _ in result.expectedFailures],
-        unexpected_successes=[_short_id(t.id()) for t in result.unexpectedSuccesses],
+        failures=[t.id() for t, _ in result.failures],
+        errors=[t.id() for t, _ in result.errors],
+        skipped=[[t.id(), str(reason)] for t, reason in result.skipped],
+        expected_failures=[t.id() for t, _ in result.expectedFailures],
+        unexpected_successes=[t.id() for t in result.unexpectedSuccesses],
         tracebacks={t.id(): tb for t, tb in result.failures + result.errors},
     )
     return out
 
 
-def unexpected_problems(report, impl="fastasyncore"):
-    """Failures/errors other than the expected ``test_repr`` one."""
+def unexpected_problems(result, allowed=EXPECTED_FAILURES):
+    """Ids of failures/errors (other than the ``allowed`` test names) and of
+    unexpected successes in one module's result."""
     bad = []
-    allowed = EXPECTED_FAILURES if impl != "stdlib-real" else set()
-    for tid in report.get("failures", []) + report.get("errors", []):
+    for tid in result.get("failures", []) + result.get("errors", []):
         if tid.rsplit(".", 1)[-1] not in allowed:
             bad.append(tid)
-    bad.extend(report.get("unexpected_successes", []))
+    bad.extend(result.get("unexpected_successes", []))
     return bad
 
 
@@ -432,8 +426,8 @@ def main(argv=None):
         "tests_found_via": where,
         "requested_backend": os.environ.get("FASTASYNCORE_BACKEND", "auto"),
     }
-    # The implementation must be aliased before test.support is imported: some
-    # helpers import asyncore lazily, and the tests must see ours everywhere.
+    # Alias the implementation first, so that anything imported from here on
+    # (test.support included) that imports asyncore/asynchat gets it.
     try:
         report.update(load_implementation(args.impl))
     except ImportError as exc:
@@ -450,8 +444,9 @@ def main(argv=None):
         res = run_module(module, tests_dir, verbosity=0 if args.quiet else 1 + args.verbose,
                          stream=stream)
         report["results"].append(res)
-        impl_kind = "stdlib-real" if report.get("impl_detail", "").startswith("stdlib") else args.impl
-        problems = unexpected_problems(res, impl_kind)
+        # CPython's own modules must pass everything, test_repr included.
+        real_stdlib = report.get("impl_detail", "").startswith("stdlib")
+        problems = unexpected_problems(res, set() if real_stdlib else EXPECTED_FAILURES)
         if problems:
             status = 1
             if args.quiet:
