@@ -1,0 +1,1 @@
+"""The benchmark harness of ``python -m fastasyncore bench`` (see runner.py)."""
