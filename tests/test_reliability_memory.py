@@ -465,3 +465,20 @@ def test_m5_l6_churn_restores_fds_map_and_frees_dispatchers(backend):
     assert alive == []
     # the per-map poller is released when the map empties
     assert open_fds() - fds0 == set()
+
+
+# -- the soak script itself (benchmarks/soak.py) stays runnable ---------------------
+
+def test_soak_script_smoke(backend):
+    import json
+    from reliability_helpers import SRC_ROOT, run_child
+    root = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
+    script = os.path.join(root, "benchmarks", "soak.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/soak.py not in this tree")
+    proc = run_child("import runpy, sys; sys.argv = [%r, '--requests', '3000', "
+                     "'--json', '--backend', %r]; runpy.run_path(%r, run_name='__main__')"
+                     % (script, backend.NAME, script), backend.NAME, timeout=120)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    res = json.loads(proc.stdout)
+    assert res["ok"] and res["bytes_lost"] == 0 and res["backend"] == backend.NAME
