@@ -638,6 +638,95 @@ def test_eintr_with_pending_changes(poller, pair, itimer):
     assert ready(p, 1000) == {a.fileno(): mod.POLLIN}
 
 
+# ---- threads -----------------------------------------------------------------------------------
+
+def test_close_from_another_thread_during_wait(poller, pair):
+    import threading
+    mod, p = poller
+    a, b = pair
+    p.modify(a.fileno(), mod.POLLIN)
+    closer = threading.Timer(0.1, p.close)
+    waker = threading.Timer(0.3, b.send, (b"x",))
+    closer.start()
+    waker.start()
+    try:
+        got = p.wait(3000)  # returns (woken by data); memory stays valid
+        assert got in ([], [(a.fileno(), mod.POLLIN)])
+        assert p.closed
+        with pytest.raises(ValueError):
+            p.wait(0)
+    finally:
+        closer.cancel()
+        waker.cancel()
+
+
+def test_modify_from_another_thread_during_wait(poller, pair):
+    import threading
+    mod, p = poller
+    a, b = pair
+    p.modify(a.fileno(), mod.POLLIN)
+    t = threading.Timer(0.1, p.modify, (b.fileno(), mod.POLLOUT))
+    t.start()
+    try:
+        p.wait(300)  # the change made meanwhile must not be lost
+        t.join()
+        assert ready(p, 1000) == {b.fileno(): mod.POLLOUT}
+    finally:
+        t.cancel()
+
+
+def test_concurrent_wait_refused(be, pair):
+    import threading
+    if be.NAME != "cffi":
+        pytest.skip("the select objects allow it; only the C poller guards it")
+    a, b = pair
+    p = be.Poller()
+    p.modify(a.fileno(), be.POLLIN)
+    th = threading.Thread(target=p.wait, args=(2000,))
+    th.start()
+    try:
+        time.sleep(0.1)
+        with pytest.raises(RuntimeError):
+            p.wait(0)
+    finally:
+        b.send(b"x")
+        th.join(5)
+        p.close()
+
+
+def test_sendqueue_threads(be, pair):
+    import threading
+    a, b = pair
+    q = be.SendQueue()
+    stop = time.monotonic() + 1.0
+    total = [0]
+
+    def pusher():
+        while time.monotonic() < stop:
+            q.push(b"y" * 1000)
+            total[0] += 1000
+
+    th = threading.Thread(target=pusher)
+    th.start()
+    sent = 0
+    got = 0
+    while th.is_alive() or q:
+        r = q.send(a.fileno(), 65536)
+        if r > 0:
+            sent += r
+        try:
+            got += len(b.recv(1 << 20))
+        except BlockingIOError:
+            pass
+        if time.monotonic() > stop + 10:
+            break
+    th.join()
+    while got < sent:
+        wait_readable(b, 1.0)
+        got += len(b.recv(1 << 20))
+    assert sent == got == total[0]
+
+
 # ---- SendQueue ------------------------------------------------------------------------------------
 
 def test_sendqueue_basics(be):

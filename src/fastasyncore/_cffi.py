@@ -67,11 +67,15 @@ def _oserror(neg_errno: int) -> OSError:
 class Poller:
     """A persistent level-triggered readiness set (epoll, kqueue or poll in C).
 
-    Not thread-safe: use one poller per thread, like the ``select`` objects.
+    One thread waits at a time (a second concurrent wait() raises
+    RuntimeError). modify() and close() may be called from other threads while
+    a wait blocks: changes made meanwhile are kept for the next wait, and a
+    close() during a wait frees the C state only once that wait has returned
+    (the C code runs without the GIL, so it must never see freed memory).
     """
 
     __slots__ = ("kind", "_p", "_reg", "_pending", "_chg", "_chgcap",
-                 "_out", "_outcap", "_napplied", "closed")
+                 "_out", "_outcap", "_napplied", "closed", "_lock", "_freed")
 
     def __init__(self, kind: "str | None" = None) -> None:
         if kind is None:
@@ -80,11 +84,14 @@ class Poller:
             raise ValueError("unknown poller kind %r (available here: %s)"
                              % (kind, ", ".join(POLLER_KINDS)))
         self.closed = True
+        self._freed = True
         pp = ffi.new("fa_poller **")
         rc = lib.fa_poller_new(_KIND_IDS[kind], pp)
         if rc < 0:
             raise _oserror(rc)
         self._p = ffi.gc(pp[0], lib.fa_poller_free)
+        self._freed = False
+        self._lock = _threading.Lock()  # held while C uses self._p
         self.kind = kind
         self.closed = False
         self._reg: Dict[int, int] = {}
@@ -115,11 +122,22 @@ class Poller:
             return -1
         return lib.fa_poller_fileno(self._p)
 
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+    def _free(self) -> None:
+        # Called with self._lock held.
+        if not self._freed:
+            self._freed = True
             ffi.release(self._p)  # runs fa_poller_free now, not at GC time
-            self._pending.clear()
+
+    def close(self) -> None:
+        """Close the poller (idempotent); deferred while another thread waits."""
+        self.closed = True
+        self._pending.clear()
+        if self._lock.acquire(False):
+            try:
+                self._free()
+            finally:
+                self._lock.release()
+        # else: the waiting thread frees it when its wait returns
 
     def __enter__(self) -> "Poller":
         return self
@@ -127,8 +145,7 @@ class Poller:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load_changes(self) -> int:
-        pending = self._pending
+    def _load_changes(self, pending: Dict[int, int]) -> int:
         n = len(pending)
         if n > self._chgcap:
             while self._chgcap < n:
@@ -152,43 +169,58 @@ class Poller:
             tmo = timeout_ms if timeout_ms <= _INT_MAX else _INT_MAX
         else:  # a float: round up so that 0.5 ms does not become a busy loop
             tmo = min(int(_math.ceil(timeout_ms)), _INT_MAX)
-        nchg = self._load_changes() if self._pending else 0
-        if len(self._reg) > self._outcap:
-            # room for every registered fd: all ready fds come back in one call
-            while self._outcap < len(self._reg):
-                self._outcap *= 2
-            self._out = ffi.new("int[]", 2 * self._outcap)
-        # Only a blocking wait with a finite timeout needs a deadline (PEP 475).
-        deadline = _time.monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
-        while True:
-            n = lib.fa_poller_wait(self._p, self._chg, nchg, tmo,
-                                   self._out, self._outcap, self._napplied)
-            if n >= 0:
-                if nchg:
-                    self._pending.clear()
-                break
-            if nchg:
-                applied = self._napplied[0]
-                if applied >= nchg:
-                    self._pending.clear()
-                else:
-                    for fd in list(self._pending)[:applied]:
-                        del self._pending[fd]
-                nchg = 0
-            if n != -_EINTR:
-                raise _oserror(n)
-            # EINTR: back in the interpreter, pending signal handlers run at
-            # the next check (this loop's backward jump); one that raises
-            # propagates out of wait(). Otherwise retry with the time left.
-            if tmo > 0:
-                left = deadline - _time.monotonic()
-                if left <= 0:
-                    n = 0
+        if not self._lock.acquire(False):
+            raise RuntimeError("Poller.wait() is already running in another thread")
+        try:
+            if self.closed:  # closed between the check above and the lock
+                raise ValueError("I/O operation on a closed poller")
+            # Take the pending changes; modify() calls made while we wait go
+            # into a fresh dict and are applied by the next wait.
+            pending = self._pending
+            nchg = 0
+            if pending:
+                self._pending = {}
+                nchg = self._load_changes(pending)
+            if len(self._reg) > self._outcap:
+                # room for every registered fd: all ready fds come back at once
+                while self._outcap < len(self._reg):
+                    self._outcap *= 2
+                self._out = ffi.new("int[]", 2 * self._outcap)
+            # Only a blocking wait with a finite timeout needs a deadline (PEP 475).
+            deadline = _time.monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
+            while True:
+                n = lib.fa_poller_wait(self._p, self._chg, nchg, tmo,
+                                       self._out, self._outcap, self._napplied)
+                if n >= 0:
                     break
-                tmo = int(_math.ceil(left * 1000.0))
-        if n == 0:
+                if nchg:
+                    applied = self._napplied[0]
+                    if applied < nchg:  # keep the changes C did not reach
+                        rest = dict(list(pending.items())[applied:])
+                        rest.update(self._pending)
+                        self._pending = rest
+                    nchg = 0
+                if n != -_EINTR:
+                    raise _oserror(n)
+                # EINTR: back in the interpreter, pending signal handlers run at
+                # the next check (this loop's backward jump); one that raises
+                # propagates out of wait(). Otherwise retry with the time left.
+                if tmo > 0:
+                    left = deadline - _time.monotonic()
+                    if left <= 0:
+                        n = 0
+                        break
+                    tmo = int(_math.ceil(left * 1000.0))
+            flat = ffi.unpack(self._out, 2 * n) if n else None
+        finally:
+            self._lock.release()
+            if self.closed and not self._freed and self._lock.acquire(False):
+                try:
+                    self._free()
+                finally:
+                    self._lock.release()
+        if flat is None:
             return []
-        flat = ffi.unpack(self._out, 2 * n)
         it = iter(flat)
         return list(zip(it, it))
 
@@ -260,9 +292,14 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
 # ---- buffers ------------------------------------------------------------------
 
 class SendQueue:
-    """FIFO of bytes held in C memory; push() copies its argument."""
+    """FIFO of bytes held in C memory; push() copies its argument.
 
-    __slots__ = ("_q", "_len")
+    A lock serialises the operations: cffi calls run without the GIL, and a
+    push() that reallocates the block while another thread's send() reads it
+    would be a use-after-free (the pure twin is serialised by the GIL).
+    """
+
+    __slots__ = ("_q", "_len", "_lock")
 
     def __init__(self) -> None:
         q = lib.fa_sendq_new()
@@ -270,20 +307,22 @@ class SendQueue:
             raise MemoryError("fa_sendq_new")
         self._q = ffi.gc(q, lib.fa_sendq_free)
         self._len = 0
+        self._lock = _threading.Lock()
 
     def push(self, data) -> None:
         if type(data) is bytes:
+            buf = data
             n = len(data)
-            rc = lib.fa_sendq_push(self._q, data, n)
         else:
             if isinstance(data, str):
                 raise TypeError("data must be a bytes-like object, not str")
             buf = ffi.from_buffer(data)
             n = len(buf)
+        with self._lock:
             rc = lib.fa_sendq_push(self._q, buf, n)
-        if rc < 0:
-            raise MemoryError("SendQueue.push(%d bytes)" % n)
-        self._len += n
+            if rc < 0:
+                raise MemoryError("SendQueue.push(%d bytes)" % n)
+            self._len += n
 
     def __len__(self) -> int:
         return self._len
@@ -294,27 +333,31 @@ class SendQueue:
     def peek(self, n: int) -> bytes:
         if n < 0:
             raise ValueError("n must be >= 0")
-        if n > self._len:
-            n = self._len
-        if n == 0:
-            return b""
-        return ffi.unpack(lib.fa_sendq_data(self._q), n)
+        with self._lock:
+            if n > self._len:
+                n = self._len
+            if n == 0:
+                return b""
+            return ffi.unpack(lib.fa_sendq_data(self._q), n)
 
     def consume(self, n: int) -> None:
         if n < 0:
             raise ValueError("n must be >= 0")
-        if n > self._len:
-            n = self._len
-        self._len -= lib.fa_sendq_consume(self._q, n)
+        with self._lock:
+            if n > self._len:
+                n = self._len
+            self._len -= lib.fa_sendq_consume(self._q, n)
 
     def clear(self) -> None:
-        lib.fa_sendq_clear(self._q)
-        self._len = 0
+        with self._lock:
+            lib.fa_sendq_clear(self._q)
+            self._len = 0
 
     def getvalue(self) -> bytes:
-        if not self._len:
-            return b""
-        return ffi.unpack(lib.fa_sendq_data(self._q), self._len)
+        with self._lock:
+            if not self._len:
+                return b""
+            return ffi.unpack(lib.fa_sendq_data(self._q), self._len)
 
     def send(self, fd: int, max_bytes: int) -> int:
         """One send of up to max_bytes from the front; consumes what was sent."""
@@ -325,9 +368,10 @@ class SendQueue:
             raise ValueError("max_bytes must be >= 0")
         if max_bytes > _SIZE_MAX:
             max_bytes = _SIZE_MAX
-        r = lib.fa_sendq_send(self._q, fd, max_bytes)
-        if r > 0:
-            self._len -= r
+        with self._lock:
+            r = lib.fa_sendq_send(self._q, fd, max_bytes)
+            if r > 0:
+                self._len -= r
         return r
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ import os as _os
 import select as _select
 import socket as _socket
 import sys as _sys
+import threading as _threading
 from typing import Dict, List, Sequence, Tuple
 
 __all__ = [
@@ -460,18 +461,25 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
 # ---- buffers -------------------------------------------------------------------------
 
 class SendQueue:
-    """FIFO of bytes in a bytearray with a moving head; push() copies its argument."""
+    """FIFO of bytes in a bytearray with a moving head; push() copies its argument.
 
-    __slots__ = ("_buf", "_head")
+    A lock serialises the operations, as in the C twin: send() keeps a view of
+    the bytearray exported while send(2) runs without the GIL, and a push()
+    from another thread must wait rather than fail with BufferError.
+    """
+
+    __slots__ = ("_buf", "_head", "_lock")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._head = 0
+        self._lock = _threading.Lock()
 
     def push(self, data) -> None:
         if isinstance(data, str):
             raise TypeError("data must be a bytes-like object, not str")
-        self._buf += memoryview(data).cast("B")  # copies
+        with memoryview(data) as mv, self._lock:
+            self._buf += mv.cast("B")  # copies
 
     def __len__(self) -> int:
         return len(self._buf) - self._head
@@ -482,13 +490,18 @@ class SendQueue:
     def peek(self, n: int) -> bytes:
         if n < 0:
             raise ValueError("n must be >= 0")
-        h = self._head
-        with memoryview(self._buf) as mv:
-            return mv[h:h + n].tobytes()
+        with self._lock:
+            h = self._head
+            with memoryview(self._buf) as mv:
+                return mv[h:h + n].tobytes()
 
     def consume(self, n: int) -> None:
         if n < 0:
             raise ValueError("n must be >= 0")
+        with self._lock:
+            self._consume(n)
+
+    def _consume(self, n: int) -> None:
         buf = self._buf
         h = min(self._head + n, len(buf))
         if h == len(buf):
@@ -500,11 +513,12 @@ class SendQueue:
         self._head = h
 
     def clear(self) -> None:
-        self._buf = bytearray()
-        self._head = 0
+        with self._lock:
+            self._buf = bytearray()
+            self._head = 0
 
     def getvalue(self) -> bytes:
-        with memoryview(self._buf) as mv:
+        with self._lock, memoryview(self._buf) as mv:
             return mv[self._head:].tobytes()
 
     def send(self, fd: int, max_bytes: int) -> int:
@@ -514,14 +528,15 @@ class SendQueue:
             raise TypeError("max_bytes must be an int")
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
-        h = self._head
-        if max_bytes == 0 or h == len(self._buf):
-            return 0
-        with memoryview(self._buf) as mv:
-            with mv[h:h + min(max_bytes, _MAX_IO)] as part:
-                r = send(fd, part)
-        if r > 0:
-            self.consume(r)
+        with self._lock:
+            h = self._head
+            if max_bytes == 0 or h == len(self._buf):
+                return 0
+            with memoryview(self._buf) as mv:
+                with mv[h:h + min(max_bytes, _MAX_IO)] as part:
+                    r = send(fd, part)
+            if r > 0:
+                self._consume(r)
         return r
 
     def __repr__(self) -> str:
