@@ -8,7 +8,9 @@
 * ``run SCRIPT [ARGS...]`` (or ``run -m MODULE [ARGS...]``) -- run an unmodified
   legacy program with :func:`fastasyncore.install` active, so its
   ``import asyncore`` / ``import asynchat`` get fastasyncore's modules.
-* ``bench`` -- not yet.
+* ``bench`` -- the benchmark harness (:mod:`fastasyncore._bench.runner`):
+  fastasyncore's backends beside stdlib asyncore, asyncio, uvloop and a C
+  epoll floor; progress on stderr, a markdown table on stdout.
 """
 
 import argparse
@@ -280,9 +282,8 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
-    print("bench: not yet implemented; `python -m fastasyncore demo` gives a quick "
-          "requests/s figure meanwhile", file=sys.stderr)
-    return 2
+    from ._bench import runner
+    return runner.run(args)
 
 
 # --------------------------------------------------------------------------
@@ -316,7 +317,14 @@ def build_parser():
                    help="arguments passed to the program as sys.argv[1:]")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="benchmarks (not yet)")
+    p = sub.add_parser(
+        "bench", help="benchmarks against stdlib asyncore, asyncio, uvloop and C",
+        description="Loopback benchmarks (performance.md workloads W1-W4, async_chat, "
+                    "issue-3 micro-benchmarks): fastasyncore's backends beside stdlib "
+                    "asyncore/asynchat, asyncio, uvloop and a C epoll floor, pinned to "
+                    "different CPUs. Progress on stderr, a markdown table on stdout.")
+    from ._bench import runner as _bench_runner
+    _bench_runner.build_parser(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

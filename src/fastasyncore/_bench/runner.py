@@ -57,8 +57,8 @@ WORKLOADS = [
                                   pattern="chat-lines", impls=("fastasyncore-cffi",
                                   "fastasyncore-pure", "asyncore-select", "asyncore-poll"),
                                   plain=True)),
-    ("chat_flood", "server", dict(metric="mib", mode="pingpong", conns=1, size=1 << 20,
-                                  reply=3, fill=10, pattern="chat-flood",
+    ("chat_flood", "server", dict(metric="mib", mode="oneway", conns=1, fill=10,
+                                  pattern="chat-flood", consumed=True,
                                   impls=("fastasyncore-cffi", "fastasyncore-pure",
                                          "asyncore-select", "asyncore-poll"))),
     ("micro_idle", "micro", dict(which="idle")),
@@ -294,18 +294,18 @@ def run_json(argv, env, cpu, timeout, cwd):
 # --------------------------------------------------------------------------
 # one run of one cell
 
-def _interp(samples, t):
-    """Iterations at time t from the server's (time, iterations) samples."""
+def _interp(samples, t, k=1):
+    """Counter k at time t from the server's (time, iterations, consumed) samples."""
     if not samples:
         return None
     prev = samples[0]
     for cur in samples:
         if cur[0] >= t:
             if cur[0] == prev[0]:
-                return cur[1]
-            return prev[1] + (cur[1] - prev[1]) * (t - prev[0]) / (cur[0] - prev[0])
+                return cur[k]
+            return prev[k] + (cur[k] - prev[k]) * (t - prev[0]) / (cur[0] - prev[0])
         prev = cur
-    return samples[-1][1]
+    return samples[-1][k]
 
 
 def server_run(ctx, wid, spec, impl, variant):
@@ -379,10 +379,16 @@ def server_run(ctx, wid, spec, impl, variant):
         nbytes = res["bytes_rx"] if spec["mode"] == "echo" else res["bytes_tx"]
         run["throughput"] = nbytes / elapsed / 1e6 if elapsed > 0 else 0.0
         run["cpu_per_unit"] = res["server_cpu"] / (nbytes / 1e9) if nbytes else None
-    else:  # mib: requests are MiB of input
-        n = res["requests"]
-        run["throughput"] = n / elapsed if elapsed > 0 else 0.0
-        run["cpu_per_unit"] = res["server_cpu"] / n * 1e3 if n else None
+    else:  # mib: MiB of input the server consumed during the window
+        if not (sres and sres.get("samples")):
+            run["error"] = "server reported no samples"
+            return run
+        nbytes = (_interp(sres["samples"], res["t1"], 2) -
+                  _interp(sres["samples"], res["t0"], 2))
+        run["consumed_bytes"] = nbytes
+        mib = nbytes / float(1 << 20)
+        run["throughput"] = mib / elapsed if elapsed > 0 else 0.0
+        run["cpu_per_unit"] = res["server_cpu"] / mib * 1e3 if mib else None
     # disturbance: other processes' share of the pinned CPUs during the window
     other = []
     if res.get("cpu_busy_server", -1) >= 0 and res["server_cpu"] >= 0:
@@ -391,7 +397,7 @@ def server_run(ctx, wid, spec, impl, variant):
         other.append((res["cpu_busy_loadgen"] - res["loadgen_cpu"]) / elapsed)
     run["other_load"] = max(other) if other else None
     run["disturbed"] = bool(other) and max(other) > DISTURBED_SHARE
-    if res["requests"] == 0 and metric != "bulk":
+    if res["requests"] == 0 and metric == "req":
         run["error"] = "no request completed in the window"
     return run
 
@@ -422,7 +428,9 @@ def client_run(ctx, wid, spec, impl):
                     "--rounds", str(rounds), "--warmup-conns", str(max(1, conns // 10)),
                     "--timeout", "60"]
             env = child_env(impl)
+        w0 = time.monotonic()
         res, err = run_json(argv, env, cpu_c, 90, ctx.workdir)
+        wall = time.monotonic() - w0
         busy1 = cpu_busy(cpu_c) if cpu_c is not None else None
         peer1 = cpu_busy(cpu_s) if cpu_s is not None else None
     finally:
@@ -437,14 +445,14 @@ def client_run(ctx, wid, spec, impl):
     if n < conns * rounds:
         run["error"] = "only %d of %d requests completed (%s)" % (
             n, conns * rounds, res.get("first_error"))
-    # Disturbance: the client's CPU was busier than the client itself (whole
-    # process lifetime is not known here, so only a gross check: > 1 CPU-share).
-    if busy0 is not None and busy1 is not None:
-        wall = res["elapsed"]
-        run["cpu_busy_client_total"] = (busy1 - busy0) / HZ
-        run["cpu_busy_server_total"] = (peer1 - peer0) / HZ
-    run["disturbed"] = max(res.get("loadavg_before", 0), res.get("loadavg_after", 0)) > ctx.load_limit
+    # Disturbance: the client's CPU was busier than the client process itself
+    # over the process's whole life (other processes ran there).
     run["other_load"] = None
+    run["disturbed"] = False
+    if busy0 is not None and busy1 is not None and wall > 0:
+        proc_cpu = res.get("process_cpu", res["client_cpu"])
+        run["other_load"] = max(0.0, ((busy1 - busy0) / HZ - proc_cpu) / wall)
+        run["disturbed"] = run["other_load"] > DISTURBED_SHARE
     return run
 
 
@@ -895,7 +903,7 @@ def run(args, out=sys.stdout):
         0.05 if args.tiny else 0.1 if quick else 0.3)
     ctx.setup_timeout = 30 if args.tiny else 90
     ctx.max_requests = args.max_requests
-    ctx.w4_conns = args.w4_conns or (20 if args.tiny else 200 if quick else None)
+    ctx.w4_conns = args.w4_conns or (20 if args.tiny else None)
     ctx.load_limit = (os.cpu_count() or 1) * 1.5
     ctx.cpus = pick_cpus()
     idle_n = args.idle or (200 if args.tiny else 2000 if quick else 10000)

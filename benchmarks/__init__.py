@@ -1,0 +1,10 @@
+"""fastasyncore benchmarks: thin entry points around fastasyncore._bench.
+
+    python -m benchmarks [--quick] [--only IDS] [--json FILE] [--plot FILE.png]
+    python benchmarks/run.py ...          (the same)
+    python -m fastasyncore bench ...      (the same, from an installed package)
+
+The C load generator and reference servers are in benchmarks/csrc/ (compiled
+at run time with the system ``cc``); ``benchmarks/sync_csrc.py`` copies them
+into the package.
+"""

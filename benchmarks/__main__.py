@@ -1,0 +1,5 @@
+import sys
+
+from fastasyncore._bench.runner import main
+
+sys.exit(main())

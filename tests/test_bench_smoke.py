@@ -1,0 +1,99 @@
+"""The benchmark harness runs (tiniest configuration): no timing assertions.
+
+``python -m fastasyncore bench --tiny`` runs W1 with one connection for a
+fraction of a second against one fastasyncore backend, through the real C
+load generator, server subprocess, pinning, /proc CPU accounting, table,
+JSON and chart code; so the harness cannot rot silently.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    import importlib.util
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("fastasyncore")
+    if spec is not None and spec.submodule_search_locations:
+        where = os.path.dirname(list(spec.submodule_search_locations)[0])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [where] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def _bench(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "fastasyncore", "bench", "--tiny"] + list(args),
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                          timeout=150)
+
+
+def _have_cc():
+    return sys.platform.startswith("linux") and bool(
+        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+
+
+def test_tiny_socket_workload(tmp_path):
+    out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
+    proc = _bench(tmp_path, "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| workload | implementation |" in proc.stdout
+    # progress on stderr: workload, implementation, run i of n
+    assert "[W1_c1]" in proc.stderr and "run 1 of" in proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["python"]
+    if not _have_cc():
+        assert any("compiler" in n for n in doc["notes"])
+        return
+    runs = [r for r in doc["runs"] if r["workload"] == "W1_c1"]
+    assert runs, doc
+    for r in runs:
+        assert not r.get("error"), r
+        assert r["requests"] > 0 and r["throughput"] > 0
+        assert r["server_cpu"] >= 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in proc.stdout
+    else:
+        assert png.exists() and png.stat().st_size > 0
+
+
+def test_tiny_micro_benchmarks(tmp_path):
+    out = tmp_path / "micro.json"
+    proc = _bench(tmp_path, "--only", "micro_sendbuf,micro_chat,micro_idle", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    for key in ("micro_sendbuf", "micro_chat", "micro_idle"):
+        assert not doc["micro"][key].get("error"), doc["micro"][key]
+        rows = doc["micro"][key]["rows"]
+        assert any(r["impl"].startswith("fastasyncore") for r in rows)
+    assert "micro_sendbuf" in proc.stdout and "### Targets" in proc.stdout
+
+
+def test_unknown_workload_is_an_error(tmp_path):
+    proc = _bench(tmp_path, "--only", "W9_nonsense")
+    assert proc.returncode != 0
+    assert "unknown workload" in proc.stderr
+
+
+def test_embedded_c_sources_match_benchmarks_csrc():
+    csrc = os.path.join(ROOT, "benchmarks", "csrc")
+    if not os.path.isdir(csrc):
+        pytest.skip("no benchmarks/ directory (installed package)")
+    from fastasyncore._bench import _csrc
+    names = sorted(n for n in os.listdir(csrc) if n.endswith((".c", ".h")))
+    assert sorted(_csrc.SOURCES) == names
+    for name in names:
+        with open(os.path.join(csrc, name), encoding="utf-8") as f:
+            assert _csrc.SOURCES[name] == f.read(), (
+                "%s changed: run python benchmarks/sync_csrc.py" % name)
