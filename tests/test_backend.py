@@ -803,6 +803,7 @@ if given is not None:
         st.tuples(st.just("consume"), st.integers(0, 5000)),
         st.tuples(st.just("peek"), st.integers(0, 5000)),
         st.tuples(st.just("clear"), st.just(0)),
+        st.tuples(st.just("send"), st.integers(0, 5000)),
     ), max_size=80)
 
     @settings(max_examples=150, deadline=None)
@@ -815,8 +816,21 @@ if given is not None:
                 continue
             q = mod.SendQueue()
             model = bytearray()
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
             for op, arg in ops:
-                if op == "push":
+                if op == "send":
+                    r = q.send(a.fileno(), arg)
+                    assert 0 <= r <= min(arg, len(model))
+                    if r:
+                        wait_readable(b)
+                        got = b""
+                        while len(got) < r:
+                            got += b.recv(r - len(got))
+                        assert got == bytes(model[:r])
+                        del model[:r]
+                elif op == "push":
                     q.push(arg)
                     model += arg
                 elif op == "consume":
@@ -830,6 +844,8 @@ if given is not None:
                 assert len(q) == len(model)
                 assert bool(q) == bool(model)
             assert q.getvalue() == bytes(model)
+            a.close()
+            b.close()
 
     @settings(max_examples=300, deadline=None)
     @given(buf=st.binary(max_size=200), term=st.binary(min_size=1, max_size=4),
