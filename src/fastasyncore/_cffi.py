@@ -47,6 +47,9 @@ _INT_MAX = 2**31 - 1
 _SIZE_MAX = 2**63 - 1  # clamp for size_t arguments (C clamps further)
 _RECV_BUF = 65536      # the reusable recv buffer: below the 128 KiB mmap threshold
 _EINTR = _errno.EINTR
+_wait = lib.fa_poller_wait
+_unpack = ffi.unpack
+_monotonic = _time.monotonic
 
 
 def _check_fd(fd: int) -> int:
@@ -161,68 +164,86 @@ class Poller:
 
     def wait(self, timeout_ms: int) -> List[Tuple[int, int]]:
         """Apply pending changes, wait up to timeout_ms (< 0 blocks), return ready pairs."""
-        if self.closed:
-            raise ValueError("I/O operation on a closed poller")
-        if timeout_ms is None or timeout_ms < 0:
+        if type(timeout_ms) is int:
+            tmo = -1 if timeout_ms < 0 else (
+                timeout_ms if timeout_ms <= _INT_MAX else _INT_MAX)
+        elif timeout_ms is None or timeout_ms < 0:
             tmo = -1
-        elif isinstance(timeout_ms, int):
-            tmo = timeout_ms if timeout_ms <= _INT_MAX else _INT_MAX
         else:  # a float: round up so that 0.5 ms does not become a busy loop
             tmo = min(int(_math.ceil(timeout_ms)), _INT_MAX)
-        if not self._lock.acquire(False):
+        lock = self._lock
+        if not lock.acquire(False):
+            if self.closed:
+                raise ValueError("I/O operation on a closed poller")
             raise RuntimeError("Poller.wait() is already running in another thread")
         try:
-            if self.closed:  # closed between the check above and the lock
+            if self.closed:
                 raise ValueError("I/O operation on a closed poller")
             # Take the pending changes; modify() calls made while we wait go
             # into a fresh dict and are applied by the next wait.
             pending = self._pending
-            nchg = 0
             if pending:
                 self._pending = {}
                 nchg = self._load_changes(pending)
-            if len(self._reg) > self._outcap:
-                # room for every registered fd: all ready fds come back at once
-                while self._outcap < len(self._reg):
-                    self._outcap *= 2
-                self._out = ffi.new("int[]", 2 * self._outcap)
+                if len(self._reg) > self._outcap:
+                    self._grow_out()
+            else:
+                nchg = 0
             # Only a blocking wait with a finite timeout needs a deadline (PEP 475).
-            deadline = _time.monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
-            while True:
-                n = lib.fa_poller_wait(self._p, self._chg, nchg, tmo,
-                                       self._out, self._outcap, self._napplied)
-                if n >= 0:
-                    break
-                if nchg:
-                    applied = self._napplied[0]
-                    if applied < nchg:  # keep the changes C did not reach
-                        rest = dict(list(pending.items())[applied:])
-                        rest.update(self._pending)
-                        self._pending = rest
-                    nchg = 0
-                if n != -_EINTR:
-                    raise _oserror(n)
-                # EINTR: back in the interpreter, pending signal handlers run at
-                # the next check (this loop's backward jump); one that raises
-                # propagates out of wait(). Otherwise retry with the time left.
-                if tmo > 0:
-                    left = deadline - _time.monotonic()
-                    if left <= 0:
-                        n = 0
-                        break
-                    tmo = int(_math.ceil(left * 1000.0))
-            flat = ffi.unpack(self._out, 2 * n) if n else None
-        finally:
-            self._lock.release()
-            if self.closed and not self._freed and self._lock.acquire(False):
-                try:
-                    self._free()
-                finally:
-                    self._lock.release()
-        if flat is None:
+            deadline = _monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
+            n = _wait(self._p, self._chg, nchg, tmo, self._out, self._outcap,
+                      self._napplied)
+            if n < 0:
+                n = self._wait_error(n, pending, nchg, tmo, deadline)
+            if n:
+                it = iter(_unpack(self._out, n + n))
+                return list(zip(it, it))
             return []
-        it = iter(flat)
-        return list(zip(it, it))
+        finally:
+            lock.release()
+            if self.closed and not self._freed:
+                self._free_after_close()
+
+    def _grow_out(self) -> None:
+        # room for every registered fd: all ready fds come back in one call
+        while self._outcap < len(self._reg):
+            self._outcap *= 2
+        self._out = ffi.new("int[]", 2 * self._outcap)
+
+    def _free_after_close(self) -> None:
+        # close() ran while we waited: it could not free the C state then.
+        if self._lock.acquire(False):
+            try:
+                self._free()
+            finally:
+                self._lock.release()
+
+    def _wait_error(self, n: int, pending: Dict[int, int], nchg: int,
+                    tmo: int, deadline: float) -> int:
+        """The slow path of wait(): OS errors and EINTR retries (lock held)."""
+        while True:
+            if nchg:
+                applied = self._napplied[0]
+                if applied < nchg:  # keep the changes C did not reach
+                    rest = dict(list(pending.items())[applied:])
+                    rest.update(self._pending)
+                    self._pending = rest
+                nchg = 0
+            if n != -_EINTR:
+                raise _oserror(n)
+            # EINTR: back in the interpreter, pending signal handlers run at
+            # the next check (at the latest this loop's backward jump); one
+            # that raises propagates out of wait(). Otherwise retry with the
+            # time left.
+            if tmo > 0:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    return 0
+                tmo = int(_math.ceil(left * 1000.0))
+            n = _wait(self._p, self._chg, 0, tmo, self._out, self._outcap,
+                      self._napplied)
+            if n >= 0:
+                return n
 
     def __repr__(self) -> str:
         return "<fastasyncore._cffi.Poller kind=%s fds=%d%s>" % (
