@@ -445,16 +445,9 @@ class _Duck:
         pass
 
 
-B7_BUG = ("an invalid map key poisons the MapState: _set_mask records the mask "
-          "before poller.modify() raises, and _drop() then calls modify(fd, 0) "
-          "again, so the map raises forever even after the bad key is removed")
-
-
 @pytest.mark.parametrize("key", ["str", "neg", "2**31", "2**64", "float", "none"])
 def test_b7_invalid_map_keys_give_clean_errors(impl, use_poll, key, request):
     asyncore = impl.asyncore
-    if impl.name != "stdlib":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=B7_BUG))
     k = {"str": "x", "neg": -1, "2**31": 2**31, "2**64": 2**64, "float": 3.0,
          "none": None}[key]
     s, peer = pair()

@@ -366,32 +366,35 @@ import select, signal, socket, struct, sys, time
 from fastasyncore import asyncore, asynchat
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 KIND = %r
-def rst_pair():
+def connected_then_reset(make):
+    # the dispatcher is made on a live connection, then the peer resets
     l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
     c = socket.create_connection(l.getsockname()); s, _ = l.accept(); l.close()
+    d = make(c)
+    assert d.connected
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     select.select([c], [], [], 5)     # the RST has arrived
-    return c
+    return d
 closes = []
 m = {}
 if KIND == "dispatcher":
     class Keep(asyncore.dispatcher):
         def handle_close(self):          # does not close: keeps writing
             closes.append(1)
-    d = Keep(rst_pair(), map=m)
+    d = connected_then_reset(lambda s: Keep(s, map=m))
     r = [d.send(b"x" * 1000) for _ in range(10)]
     assert r[-1] == 0, r
 elif KIND == "dispatcher_with_send":
-    w = asyncore.dispatcher_with_send(rst_pair(), map=m)
+    w = connected_then_reset(lambda s: asyncore.dispatcher_with_send(s, map=m))
     w.handle_close = lambda: closes.append(1)
     for _ in range(10):
         w.send(b"y" * 1000)
 else:
     class Chat(asynchat.async_chat):
-        def handle_close(self):
+        def handle_close(self):          # does not close: keeps writing
             closes.append(1)
-    ch = Chat(rst_pair(), map=m)
+    ch = connected_then_reset(lambda s: Chat(s, map=m))
     for _ in range(10):
         ch.push(b"z" * 1000)
         ch.push(b"z" * 1000)
@@ -401,18 +404,9 @@ else:
 print("alive", sorted(set(closes)))
 """
 
-X3_BUG = ("since c69a13c dispatcher.send() calls self.socket.send(data) without "
-          "MSG_NOSIGNAL (and _fast_fd() is -1 on the pure backend): under "
-          "SIGPIPE=SIG_DFL a send to a reset peer kills the process (exit -13); "
-          "hit by dispatcher.send, async_chat's producer path and, on pure, "
-          "dispatcher_with_send")
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGPIPE"), reason="no SIGPIPE")
 @pytest.mark.parametrize("kind", ["dispatcher", "dispatcher_with_send", "async_chat"])
 def test_x3_sigpipe_default_handler_no_death(backend, kind, request):
-    if kind != "dispatcher_with_send" or backend.NAME == "pure":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=X3_BUG))
     proc = run_child(SIGPIPE_CHILD % kind, backend.NAME)
     assert proc.returncode == 0, (proc.returncode, proc.stderr)
     assert proc.stdout.strip() == "alive [1]", proc.stdout

@@ -126,11 +126,13 @@ class MapState:
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
         if self.mask.get(fd, 0) != m:
+            # Tell the poller first: a bad key (not an fd) raises here and
+            # must not be recorded, or every later iteration would fail too.
+            self.poller.modify(fd, m)
             if m:
                 self.mask[fd] = m
             else:
                 self.mask.pop(fd, None)
-            self.poller.modify(fd, m)
 
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)

@@ -50,6 +50,7 @@ _ACCEPT_BACKOFF = frozenset(getattr(_errno, n) for n in
                             ("EMFILE", "ENFILE", "ENOBUFS", "ENOMEM")
                             if hasattr(_errno, n))
 _ACCEPT_BACKOFF_SECONDS = 0.1
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _ACCEPT_BACKOFF_MAX = 1.0
 
 
@@ -347,7 +348,14 @@ class dispatcher:
         # ~330 ns cheaper per call); the C core pays off in the buffer paths
         # (dispatcher_with_send, async_chat) and the poller.
         try:
-            result = self.socket.send(data)
+            sock = self.socket
+            if type(sock) is socket.socket:
+                # MSG_NOSIGNAL: a peer reset gives EPIPE (-> handle_close)
+                # even where SIGPIPE was reset to SIG_DFL, instead of
+                # killing the process.  Only plain sockets take flags.
+                result = sock.send(data, _MSG_NOSIGNAL)
+            else:
+                result = sock.send(data)
             return result
         except OSError as why:
             if why.errno == EWOULDBLOCK:
