@@ -6,8 +6,8 @@
  * SIGPIPE at startup, but an embedding application, a user who restored
  * SIG_DFL (common in CLI tools: `signal(SIGPIPE, SIG_DFL)`), or a child that
  * inherited it does not; with MSG_NOSIGNAL the call just fails with EPIPE,
- * which asyncore maps to a disconnect. macOS has no MSG_NOSIGNAL; there we set
- * the per-socket SO_NOSIGPIPE option before sending instead.
+ * which asyncore maps to a disconnect. On macOS (and anywhere without
+ * MSG_NOSIGNAL) we set the per-socket SO_NOSIGPIPE option before sending.
  *
  * Lengths are size_t and clamped to FA_MAX_IO so that the returned count
  * always fits ssize_t (and Linux never returns a short count we did not ask
@@ -24,15 +24,24 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-#ifdef MSG_NOSIGNAL
-#define FA_SEND_FLAGS MSG_NOSIGNAL
-#else
+/* Apple: recent SDKs define MSG_NOSIGNAL but older kernels reject unknown
+ * flags, while SO_NOSIGPIPE has always worked there (libuv does the same). */
+#if defined(__APPLE__) && defined(SO_NOSIGPIPE)
+#define FA_USE_SO_NOSIGPIPE 1
 #define FA_SEND_FLAGS 0
+#elif defined(MSG_NOSIGNAL)
+#define FA_SEND_FLAGS MSG_NOSIGNAL
+#elif defined(SO_NOSIGPIPE)
+#define FA_USE_SO_NOSIGPIPE 1
+#define FA_SEND_FLAGS 0
+#else
+#define FA_SEND_FLAGS 0 /* no way to suppress SIGPIPE per call */
 #endif
 
 static void fa_nosigpipe(int fd)
 {
-#if !defined(MSG_NOSIGNAL) && defined(SO_NOSIGPIPE)
+#ifdef FA_USE_SO_NOSIGPIPE
+    /* Idempotent; one extra syscall per send on these platforms. */
     int one = 1;
     (void)setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
 #else

@@ -528,6 +528,9 @@ def test_closed_and_non_socket_fds(be, tmp_path):
     with open(tmp_path / "f", "wb") as f:
         assert be.send(f.fileno(), b"x") == -errno.ENOTSOCK
         assert be.recv(f.fileno(), 1) == -errno.ENOTSOCK
+        assert be.sendv(f.fileno(), [b"x"], 1) == -errno.ENOTSOCK
+        os.fstat(f.fileno())  # the fd was borrowed, never closed
+        f.write(b"still open")
 
 
 def test_sendv(be, pair):

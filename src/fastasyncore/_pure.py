@@ -38,7 +38,13 @@ _RECV_MAX = 65536
 _IOV_MAX = 1024
 _MAX_IO = 1 << 30
 FD_SETSIZE = 512 if _sys.platform == "win32" else 1024
-_MSG_NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)
+# MSG_NOSIGNAL where the kernel has it; SO_NOSIGPIPE on Apple (as in C).
+if _sys.platform == "darwin":
+    _MSG_NOSIGNAL = 0
+    _SO_NOSIGPIPE = getattr(_socket, "SO_NOSIGPIPE", 0x1022)
+else:
+    _MSG_NOSIGNAL = getattr(_socket, "MSG_NOSIGNAL", 0)
+    _SO_NOSIGPIPE = 0 if _MSG_NOSIGNAL else getattr(_socket, "SO_NOSIGPIPE", 0)
 
 
 def _select_bits_are_poll_bits() -> bool:
@@ -387,10 +393,19 @@ class _FdSocket:
 
     __slots__ = ("sock",)
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, sending: bool = False) -> None:
         s = _socket.socket(fileno=fd)
-        if _socket.getdefaulttimeout() is not None:
-            s.settimeout(0.0)  # never let a default timeout make us wait
+        try:
+            if _socket.getdefaulttimeout() is not None:
+                s.settimeout(0.0)  # never let a default timeout make us wait
+            if sending and _SO_NOSIGPIPE:
+                try:
+                    s.setsockopt(_socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
+                except OSError:
+                    pass
+        except BaseException:
+            s.detach()
+            raise
         self.sock = s
 
     def __enter__(self) -> _socket.socket:
@@ -407,7 +422,7 @@ def send(fd: int, data) -> int:
         raise TypeError("a bytes-like object is required, not 'str'")
     with memoryview(data) as mv:
         try:
-            with _FdSocket(fd) as s:
+            with _FdSocket(fd, True) as s:
                 return s.send(mv[:_MAX_IO] if mv.nbytes > _MAX_IO else mv,
                               _MSG_NOSIGNAL)
         except OSError as exc:
@@ -452,7 +467,7 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
     if not views:
         return 0
     try:
-        with _FdSocket(fd) as s:
+        with _FdSocket(fd, True) as s:
             return s.sendmsg(views, (), _MSG_NOSIGNAL)
     except OSError as exc:
         return -(exc.errno or _errno.EIO)
