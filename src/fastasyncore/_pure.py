@@ -169,8 +169,7 @@ class Poller:
         if not self.closed:
             self.closed = True
             if self.kind in ("epoll", "kqueue"):
-                self._obj.close()
-            self._obj = None
+                self._obj.close()  # a wait running in another thread gets EBADF or returns
             self._pending.clear()
             self._kreg.clear()
             self._refused.clear()
