@@ -100,7 +100,8 @@ struct fa_poller {
     struct pollfd *pfds; /* poll kind only */
     size_t npfds, pfdcap;
     void *evbuf; /* struct epoll_event[] / struct kevent[] */
-    size_t evcap, evsize;
+    size_t evcap;
+    size_t sweep_pos; /* next tab slot the idle sweep looks at */
 };
 
 /* ---- small checked-allocation helpers ------------------------------------- */
@@ -188,6 +189,39 @@ static size_t report_refused(const fa_poller *p, int *out, size_t maxout)
     return nout;
 }
 
+/*
+ * Closed behind our back. epoll and kqueue silently forget an fd when it is
+ * closed (its last reference, for epoll) without being removed first, while
+ * poll(2) reports POLLNVAL for it at every call and asyncore relies on that to
+ * call handle_close(). A kernel object cannot tell us, so we look: after a
+ * wait that blocked and found nothing (the loop is idle, so the syscalls cost
+ * nothing that matters), check a bounded number of registered fds, round
+ * robin, with fcntl(F_GETFD); EBADF moves the fd to the refused list, which
+ * reports POLLNVAL from the next wait on. Limits: a busy loop never sweeps,
+ * and an fd number already reused by another open file is not detected.
+ */
+#define FA_SWEEP_CHECKS 64
+#define FA_SWEEP_SLOTS 4096
+
+static void sweep_closed(fa_poller *p)
+{
+    size_t slots = 0, checks = 0, fd;
+    while (slots < FA_SWEEP_SLOTS && slots < p->tabcap && checks < FA_SWEEP_CHECKS) {
+        if (p->sweep_pos >= p->tabcap)
+            p->sweep_pos = 0;
+        fd = p->sweep_pos++;
+        slots++;
+        if (p->tab[fd].events == 0)
+            continue;
+        checks++;
+        if (fcntl((int)fd, F_GETFD) < 0 && errno == EBADF) {
+            int ev = p->tab[fd].events;
+            if (ref_add(p, (int)fd, ev, 1) == 0) /* ENOMEM: next sweep */
+                p->tab[fd].events = 0;
+        }
+    }
+}
+
 /* ---- epoll ---------------------------------------------------------------- */
 #ifdef FA_HAVE_EPOLL
 /* EPOLLIN/PRI/OUT/ERR/HUP have poll(2)'s values on Linux, so no translation.
@@ -269,6 +303,8 @@ static int epoll_do_wait(fa_poller *p, int timeout_ms, int *out, size_t maxout)
     n = epoll_wait(p->kfd, evs, (int)room, timeout_ms);
     if (n < 0)
         return nout ? (int)nout : -errno;
+    if (n == 0 && timeout_ms != 0)
+        sweep_closed(p);
     for (i = 0; i < (size_t)n; i++) {
         int fd = evs[i].data.fd;
         /* An fd we do not track: a stale registration (aliasing trap). */
@@ -396,6 +432,8 @@ static int kq_do_wait(fa_poller *p, int timeout_ms, int *out, size_t maxout)
     n = kevent(p->kfd, NULL, 0, evs, (int)room, tsp);
     if (n < 0)
         return nout ? (int)nout : -errno;
+    if (n == 0 && timeout_ms != 0)
+        sweep_closed(p);
     for (i = 0; i < n; i++) {
         int fd = (int)evs[i].ident, bits, pos;
         if (evs[i].filter == EVFILT_READ)

@@ -346,6 +346,30 @@ def test_fd_closed_after_registration(poller):
         d.close()
 
 
+def test_closed_behind_our_back_becomes_pollnval(poller):
+    # poll(2) reports POLLNVAL for a registered fd that was closed; epoll and
+    # kqueue forget it silently, so the backends check for it after idle waits.
+    mod, p = poller
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    try:
+        p.modify(fd, mod.POLLIN)
+        assert p.wait(0) == []
+        a.close()  # behind the poller's back, no modify(fd, 0)
+        got = {}
+        for _ in range(3):
+            got = ready(p, 50)
+            if got:
+                break
+        assert got == {fd: mod.POLLNVAL}
+        assert ready(p, 50) == {fd: mod.POLLNVAL}  # at every wait, no blocking
+        p.modify(fd, 0)
+        assert ready(p, 0) == {}
+    finally:
+        a.close()
+        b.close()
+
+
 # ---- fds above FD_SETSIZE -----------------------------------------------------------------
 
 @pytest.fixture

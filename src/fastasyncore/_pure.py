@@ -131,6 +131,7 @@ class Poller:
         self._pending: Dict[int, int] = {}   # changes not yet applied
         self._kreg: Dict[int, int] = {}      # what the kernel object holds
         self._refused: Dict[int, Tuple[int, bool]] = {}  # fd -> (events, nval)
+        self._sweep_pos = 0
         if kind == "epoll":
             self._obj = _select.epoll()  # EPOLL_CLOEXEC, as in C
         elif kind == "kqueue":
@@ -206,11 +207,15 @@ class Poller:
                                          max(len(kreg), 1)):
                 if fd in kreg:  # else: a stale registration (see fa_poller.c)
                     out.append((fd, ev & _REPORTED))
+            if not out and tmo != 0:
+                self._sweep_closed()
         elif kind == "poll":
             for fd, ev in self._obj.poll(tmo):
                 out.append((fd, _from_select(ev)))
         elif kind == "kqueue":
             out.extend(self._kqueue_wait(tmo))
+            if not out and tmo != 0:
+                self._sweep_closed()
         else:
             out.extend(self._select_wait(tmo))
         return out
@@ -218,6 +223,22 @@ class Poller:
     def __repr__(self) -> str:
         return "<fastasyncore._pure.Poller kind=%s fds=%d%s>" % (
             self.kind, len(self._reg), " closed" if self.closed else "")
+
+    def _sweep_closed(self) -> None:
+        # epoll/kqueue forget fds closed without being removed; poll(2) would
+        # report POLLNVAL. After an idle wait, check up to 64 of them (round
+        # robin) and report the closed ones as POLLNVAL from now on. See
+        # sweep_closed() in csrc/fa_poller.c.
+        kreg = self._kreg
+        if not kreg:
+            return
+        fds = sorted(kreg)
+        start = self._sweep_pos if self._sweep_pos < len(fds) else 0
+        batch = fds[start:start + 64]
+        self._sweep_pos = start + len(batch)
+        for fd in batch:
+            if _fd_is_closed(fd):
+                self._refused[fd] = (kreg.pop(fd), True)
 
     # -- applying changes ------------------------------------------------------
 
