@@ -271,15 +271,8 @@ def test_f5_reset_maps_to_handle_close(impl, op):
 
 # -- F6: a dispatcher whose fd went bad is dropped once, no spin ------------------
 
-F6_BUG = ("socket closed behind a dispatcher is never reported: epoll drops a "
-          "closed fd silently, so no POLLNVAL/handle_close ever comes and the "
-          "dispatcher stays in the map forever (3.11 poll: POLLNVAL -> handle_close)")
-
-
 def test_f6_bad_fd_closed_once_and_no_spin(impl, use_poll, request):
     asyncore = impl.asyncore
-    if impl.name != "stdlib":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=F6_BUG))
     m = {}
     s, peer = pair()
     closes = []
