@@ -548,6 +548,51 @@ def _idle_channel_class(asyncore, asynchat, kind):
     return C
 
 
+def _timed_per_iter(fn, target_s, repeats):
+    """CPU seconds per call of fn(count) / count, count picked to take about target_s."""
+    count = 1
+    while True:
+        c0 = _cpu()
+        fn(count)
+        dt = _cpu() - c0
+        if dt >= target_s / 4 or count >= 1 << 22:
+            break
+        count *= 4
+    count = max(1, int(count * target_s / max(dt, 1e-6)))
+    per = []
+    for _ in range(repeats):
+        c0, w0 = _cpu(), time.perf_counter()
+        fn(count)
+        per.append(((_cpu() - c0) / count, (time.perf_counter() - w0) / count))
+    return count, per
+
+
+def micro_writable_floor(n_idle, target_s, repeats):
+    """The Python floor for channels that override writable(): n calls per iteration."""
+
+    class Docs:
+        accepting = False
+
+        def __init__(self):
+            self.buffer = b""
+
+        def writable(self):
+            return bool(self.buffer)
+
+    objs = [Docs() for _ in range(n_idle)]
+
+    def run(count):
+        for _ in range(count):
+            for obj in objs:
+                obj.writable()
+
+    count, per = _timed_per_iter(run, target_s, repeats)
+    return {"bench": "micro_idle", "kind": "override", "impl": "floor",
+            "what": "only %d writable() calls per iteration, no loop" % n_idle,
+            "idle": n_idle, "count": count, "runs_us": [p[0] * 1e6 for p in per],
+            "wall_us": [p[1] * 1e6 for p in per]}
+
+
 def micro_idle(impls, kinds, n_idle, target_s, repeats, progress):
     rows = []
     for kind in kinds:
@@ -571,20 +616,9 @@ def micro_idle(impls, kinds, n_idle, target_s, repeats, progress):
                     rows.append(row)
                     continue
                 # pick a count that takes about target_s
-                count = 1
-                while True:
-                    c0 = _cpu()
-                    loop(timeout=0, use_poll=use_poll, map=chan_map, count=count)
-                    dt = _cpu() - c0
-                    if dt >= target_s / 4 or count >= 1 << 22:
-                        break
-                    count *= 4
-                count = max(1, int(count * target_s / max(dt, 1e-6)))
-                per = []
-                for _ in range(repeats):
-                    c0, w0 = _cpu(), time.perf_counter()
-                    loop(timeout=0, use_poll=use_poll, map=chan_map, count=count)
-                    per.append(((_cpu() - c0) / count, (time.perf_counter() - w0) / count))
+                count, per = _timed_per_iter(
+                    lambda n: loop(timeout=0, use_poll=use_poll, map=chan_map, count=n),
+                    target_s, repeats)
                 row.update(count=count, runs_us=[p[0] * 1e6 for p in per],
                            wall_us=[p[1] * 1e6 for p in per])
                 rows.append(row)
@@ -593,6 +627,44 @@ def micro_idle(impls, kinds, n_idle, target_s, repeats, progress):
                 for a, b in pairs:
                     a.close()
                     b.close()
+        if kind == "override":
+            progress("micro_idle override floor: %d writable() calls" % n_idle)
+            rows.append(micro_writable_floor(n_idle, target_s, repeats))
+    return rows
+
+
+def micro_send_floor(sizes, repeats, deadline):
+    """The floor of micro_sendbuf: plain non-blocking socket sends of 64 KiB
+    memoryview slices over the same socketpair shape, no asyncore."""
+    import select
+    rows = []
+    for size in sizes:
+        data = b"x" * size
+        runs = []
+        for _ in range(repeats):
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
+            buf = bytearray(65536)
+            view = memoryview(data)
+            c0, w0 = _cpu(), time.perf_counter()
+            off = got = 0
+            while got < size:
+                if time.monotonic() > deadline:
+                    raise SystemExit("micro_sendbuf floor: deadline passed")
+                select.select([], [a], [], 0)
+                if off < size:
+                    try:
+                        off += a.send(view[off:off + 65536])
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                got += _drain(b, buf)
+            runs.append((_cpu() - c0, time.perf_counter() - w0))
+            a.close()
+            b.close()
+        rows.append({"bench": "micro_sendbuf", "impl": "floor", "bytes": size,
+                     "what": "raw socket sends of 64 KiB slices",
+                     "runs_s": [r[0] for r in runs], "wall_s": [r[1] for r in runs]})
     return rows
 
 
@@ -714,6 +786,8 @@ def cmd_micro(args):
     elif args.which == "sendbuf":
         sizes = [int(s) << 20 for s in args.sizes.split(",")]
         res["rows"] = micro_sendbuf(impls, sizes, args.repeats, progress, deadline)
+        progress("micro_sendbuf floor: raw socket sends")
+        res["rows"] += micro_send_floor(sizes, args.repeats, deadline)
     elif args.which == "chat":
         flood = b"\n" * (args.flood_kib << 10)
         line = b"y" * 1023 + b"\n"
