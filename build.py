@@ -93,6 +93,8 @@ else:
     int fa_poller_fileno(const fa_poller *p);
     int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
                        int timeout_ms, int *out, size_t maxout, size_t *napplied);
+    int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
+                        size_t *napplied);
 
     ssize_t fa_send(int fd, const char *buf, size_t len);
     ssize_t fa_recv(int fd, char *buf, size_t len);

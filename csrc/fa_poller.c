@@ -636,6 +636,32 @@ static int apply_change(fa_poller *p, int fd, int ev)
     }
 }
 
+int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
+                    size_t *napplied)
+{
+    /* Apply changes now, without waiting.  The loop removes an fd this way
+     * *before* its socket is closed: epoll registrations belong to the open
+     * file description, so an fd whose description outlives the close (a dup,
+     * a fork, file_dispatcher's os.dup) would otherwise stay registered under
+     * a number that the next socket may reuse, and feed it stale events. */
+    size_t i;
+    if (napplied)
+        *napplied = 0;
+    if (p == NULL || (nchanges && changes == NULL))
+        return -EINVAL;
+    for (i = 0; i < nchanges; i++) {
+        int rc = apply_change(p, changes[2 * i], changes[2 * i + 1]);
+        if (rc < 0) {
+            if (napplied)
+                *napplied = i + 1;
+            return rc;
+        }
+    }
+    if (napplied)
+        *napplied = nchanges;
+    return 0;
+}
+
 int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
                    int timeout_ms, int *out, size_t maxout, size_t *napplied)
 {

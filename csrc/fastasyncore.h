@@ -60,6 +60,9 @@ int fa_poller_fileno(const fa_poller *p);
  */
 int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
                    int timeout_ms, int *out, size_t maxout, size_t *napplied);
+/* Apply (fd, events) changes now, without waiting; 0 or -errno (as above). */
+int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
+                    size_t *napplied);
 
 /* ---- plain fd I/O ------------------------------------------------------ */
 /* One send(2)/recv(2)/sendmsg(2); bytes transferred or -errno. */

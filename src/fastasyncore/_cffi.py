@@ -6,6 +6,8 @@ module raises ImportError when the core was not built.
 """
 
 import errno as _errno
+from array import array as _array
+from itertools import chain as _chain
 import math as _math
 import os as _os
 import threading as _threading
@@ -48,6 +50,7 @@ _SIZE_MAX = 2**63 - 1  # clamp for size_t arguments (C clamps further)
 _RECV_BUF = 65536      # the reusable recv buffer: below the 128 KiB mmap threshold
 _EINTR = _errno.EINTR
 _wait = lib.fa_poller_wait
+_from_buffer = ffi.from_buffer
 _unpack = ffi.unpack
 _monotonic = _time.monotonic
 
@@ -78,7 +81,8 @@ class Poller:
     """
 
     __slots__ = ("kind", "_p", "_reg", "_pending", "_chg", "_chgcap",
-                 "_out", "_outcap", "_napplied", "closed", "_lock", "_freed")
+                 "_out", "_outcap", "_napplied", "closed", "_lock", "_freed",
+                 "_one", "_chg_keep")
 
     def __init__(self, kind: "str | None" = None) -> None:
         if kind is None:
@@ -104,18 +108,45 @@ class Poller:
         self._outcap = 256
         self._out = ffi.new("int[]", 2 * self._outcap)
         self._napplied = ffi.new("size_t *")
+        self._one = ffi.new("int[2]")
 
     def modify(self, fd: int, events: int) -> None:
-        """Set fd's interest to events (0 removes); applied at the next wait()."""
+        """Set fd's interest to events; applied at the next wait().
+
+        ``events == 0`` removes fd at once (before the caller closes it; see
+        fa_poller_apply), unless a wait is running in another thread: then
+        the removal is applied by the next wait.
+        """
         _check_fd(fd)
         if not isinstance(events, int):
             raise TypeError("events must be an int")
         events &= _INTEREST
-        self._pending[fd] = events
         if events:
+            self._pending[fd] = events
             self._reg[fd] = events
+            return
+        self._reg.pop(fd, None)
+        lock = self._lock
+        if not self.closed and lock.acquire(False):
+            try:
+                self._pending.pop(fd, None)
+                chg = self._one
+                chg[0] = fd
+                chg[1] = 0
+                lib.fa_poller_apply(self._p, chg, 1, self._napplied)
+            finally:
+                lock.release()
         else:
-            self._reg.pop(fd, None)
+            self._pending[fd] = 0
+
+    def update(self, changes: Dict[int, int]) -> None:
+        """Record many interest changes at once (the loop's per-iteration batch).
+
+        For fds already validated by modify(); every value must be a non-zero
+        interest mask (removals go through modify(fd, 0), which is immediate).
+        """
+        self._pending.update(changes)
+        self._reg.update(changes)
 
     def registered(self) -> Dict[int, int]:
         return dict(self._reg)
@@ -149,18 +180,12 @@ class Poller:
         self.close()
 
     def _load_changes(self, pending: Dict[int, int]) -> int:
-        n = len(pending)
-        if n > self._chgcap:
-            while self._chgcap < n:
-                self._chgcap *= 2
-            self._chg = ffi.new("int[]", 2 * self._chgcap)
-        chg = self._chg
-        i = 0
-        for fd, ev in pending.items():
-            chg[i] = fd
-            chg[i + 1] = ev
-            i += 2
-        return n
+        # One C-speed pass: the (fd, events) pairs into an int array, which
+        # cffi then passes without a copy (kept alive in self._chg).
+        arr = _array("i", _chain.from_iterable(pending.items()))
+        self._chg_keep = arr
+        self._chg = _from_buffer("int[]", arr)
+        return len(pending)
 
     def wait(self, timeout_ms: int) -> List[Tuple[int, int]]:
         """Apply pending changes, wait up to timeout_ms (< 0 blocks), return ready pairs."""

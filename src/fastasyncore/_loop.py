@@ -102,7 +102,7 @@ class MapState:
     """The persistent poller and bookkeeping for one socket map."""
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
-                 "full", "thread", "suspended", "__weakref__")
+                 "full", "thread", "suspended", "batch", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -122,22 +122,38 @@ class MapState:
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
+        # Interest changes of fds the poller already validated, handed over
+        # in one update() call before the wait (one call per iteration).
+        self.batch: Dict[Any, int] = {}
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
-        if self.mask.get(fd, 0) != m:
-            # Tell the poller first: a bad key (not an fd) raises here and
-            # must not be recorded, or every later iteration would fail too.
+        cur = self.mask.get(fd, 0)
+        if cur != m:
+            if cur and m:
+                self.batch[fd] = m
+                self.mask[fd] = m
+                return
+            # A first registration (the poller validates the key: a bad one
+            # raises here and is not recorded, or every later iteration would
+            # fail too) or a removal (applied at once, before a close).
+            self.batch.pop(fd, None)
             self.poller.modify(fd, m)
             if m:
                 self.mask[fd] = m
             else:
-                self.mask.pop(fd, None)
+                del self.mask[fd]
+
+    def flush(self) -> None:
+        batch = self.batch
+        self.batch = {}
+        self.poller.update(batch)
 
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)
         self.suspended.pop(fd, None)
         self.consulted.pop(fd, None)
+        self.batch.pop(fd, None)
         if fd in self.mask:
             del self.mask[fd]
             self.poller.modify(fd, 0)
@@ -188,6 +204,7 @@ class MapState:
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
         mask = self.mask
+        batch = self.batch
         susp = self.suspended
         extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
         for fd, obj, call_r, call_w in list(self.consulted.values()):
@@ -198,8 +215,13 @@ class MapState:
                     m |= POLLOUT
             if susp and fd in susp:
                 m = 0
-            if mask.get(fd, 0) != m:
-                self._set_mask(fd, m)
+            cur = mask.get(fd, 0)
+            if cur != m:
+                if cur and m:
+                    mask[fd] = m
+                    batch[fd] = m
+                else:
+                    self._set_mask(fd, m)
 
     def close(self) -> None:
         self.poller.close()
@@ -399,6 +421,8 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         st.consult(select_mode)
         if st.pending or len(map) != len(st.owner):
             st.reconcile()
+    if st.batch:
+        st.flush()
     ms = _timeout_ms(timeout, select_mode)
     if resume_ms >= 0 and (ms < 0 or resume_ms < ms):
         ms = resume_ms

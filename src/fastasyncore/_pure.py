@@ -152,11 +152,27 @@ class Poller:
         if events and self.kind == "select" and fd >= FD_SETSIZE:
             raise ValueError("fd %d >= FD_SETSIZE (%d) cannot be used with select()"
                              % (fd, FD_SETSIZE))
-        self._pending[fd] = events
         if events:
+            self._pending[fd] = events
             self._reg[fd] = events
-        else:
-            self._reg.pop(fd, None)
+            return
+        # Removal is applied at once: the caller is about to close fd, and an
+        # epoll registration outlives the close when the file description
+        # does (dup, fork, file_dispatcher); see fa_poller_apply in C.
+        self._reg.pop(fd, None)
+        self._pending.pop(fd, None)
+        if not self.closed:
+            self._refused.pop(fd, None)
+            getattr(self, "_change_" + self.kind)(fd, 0)
+
+    def update(self, changes: Dict[int, int]) -> None:
+        """Record many interest changes at once (the loop's per-iteration batch).
+
+        For fds already validated by modify(); every value must be a non-zero
+        interest mask (removals go through modify(fd, 0), which is immediate).
+        """
+        self._pending.update(changes)
+        self._reg.update(changes)
 
     def registered(self) -> Dict[int, int]:
         return dict(self._reg)
