@@ -60,6 +60,11 @@ def test_tiny_socket_workload(tmp_path):
         assert not r.get("error"), r
         assert r["requests"] > 0 and r["throughput"] > 0
         assert r["server_cpu"] >= 0
+    again = subprocess.run([sys.executable, "-m", "fastasyncore", "bench", "--replot", str(out)],
+                           cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "| W1_c1 |" in again.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:

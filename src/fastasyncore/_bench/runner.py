@@ -825,8 +825,11 @@ def plot(cells, order, path, title):
     for wid, kind, spec in order:
         if kind == "micro":
             continue
-        for (w, impl, var), s in cells.items():
-            if w == wid and (wid, var) not in groups:
+        variants = [var for (w, impl, var) in cells if w == wid and var != "plain"]
+        if any(variants):
+            variants = [v for v in variants if v]   # "" rows are drawn in every group
+        for var in variants:
+            if (wid, var) not in groups:
                 groups.append((wid, var))
     impls = [i for i in SERVER_IMPLS if any(k[1] == i for k in cells)]
     if not groups or not impls:
@@ -838,7 +841,7 @@ def plot(cells, order, path, title):
         for k, impl in enumerate(impls):
             xs, ys = [], []
             for g, (wid, var) in enumerate(groups):
-                s = cells.get((wid, impl, var))
+                s = cells.get((wid, impl, var)) or cells.get((wid, impl, ""))
                 ref = reference(cells, wid, var, STDLIB)
                 if not s or s.get("error") or not ref or not s.get(key) or not ref.get(key):
                     continue
@@ -905,12 +908,101 @@ def build_parser(parser=None):
     p.add_argument("--idle", type=int, help="idle connections for W3_idle10000 (default 10000)")
     p.add_argument("--w4-conns", type=int, help="W4 connections (default 1000)")
     p.add_argument("--micro-idle", type=int, help="idle channels in micro_idle (default 8000)")
+    p.add_argument("--replot", metavar="JSON",
+                   help="no benchmarks: re-render the table (and --plot) from a --json file")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p
 
 
+def _git_commit():
+    """The git commit of the fastasyncore tree being measured, if it is a checkout."""
+    import fastasyncore
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fastasyncore.__file__))))
+    try:
+        p = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress):
+    """Markdown report on out; chart and JSON when asked."""
+    report = []
+    title = "fastasyncore %s, %s, %s, %s" % (meta["fastasyncore"], meta["python"],
+                                              meta["cpu"], meta["date"])
+    report.append("## fastasyncore benchmarks")
+    report.append("")
+    report.append("%s (%s); %s, %d CPUs; %s; fastasyncore %s%s; %d run(s) per cell, "
+                  "%.1f s windows after %.1f s warm-up." % (
+                      meta["python"], meta["platform"], meta["cpu"], meta["cpus"],
+                      meta["date"], meta["fastasyncore"],
+                      " (%s)" % meta["commit"] if meta.get("commit") else "",
+                      meta["runs_per_cell"], meta["window_s"], meta["warmup_s"]))
+    report.append("%s. Ratios: against the better of stdlib asyncore select/poll "
+                  "in the same workload (same server pattern), and against uvloop. "
+                  "CPU is the process under test's utime+stime. A run is *disturbed* when "
+                  "other processes used > %d%% of a pinned CPU during its window; the median "
+                  "uses clean runs when at least half are clean." % (
+                      meta["pinning"], DISTURBED_SHARE * 100))
+    report.append("")
+    if cells:
+        report.append(server_table(cells, workloads, std_label))
+        report.append("")
+    mt = micro_tables(micro, std_label)
+    if mt:
+        report.append(mt)
+    targets = evaluate_targets(cells, micro)
+    if targets:
+        report.append("### Targets")
+        report.append("")
+        report.append(targets_table(targets))
+        report.append("")
+    if notes:
+        report.append("Notes:")
+        for n in dict.fromkeys(notes):
+            report.append("- " + n)
+        report.append("")
+    print("\n".join(report), file=out, flush=True)
+    if args.plot:
+        msg = plot(cells, workloads, args.plot, title)
+        print(msg, file=sys.stderr if "written" in msg else out)
+    if args.json:
+        doc = {"meta": meta, "notes": list(dict.fromkeys(notes)), "runs": all_runs,
+               "cells": [dict(workload=w, impl=i, variant=v, **s)
+                         for (w, i, v), s in cells.items()],
+               "micro": micro,
+               "targets": [dict(target=t, verdict=v, measured=d) for t, v, d in targets]}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        progress("JSON written to %s" % args.json)
+
+
+def replot(args, out=sys.stdout):
+    """Re-render the table (and --plot/--json) from a JSON file of an earlier run."""
+    with open(args.replot) as f:
+        doc = json.load(f)
+    cells = {}
+    for c in doc.get("cells", []):
+        c = dict(c)
+        key = (c.pop("workload"), c.pop("impl"), c.pop("variant"))
+        cells[key] = c
+    present = {k[0] for k in cells} | set(doc.get("micro", {}))
+    workloads = [w for w in WORKLOADS if w[0] in present]
+    meta = doc["meta"]
+    meta.setdefault("runs_per_cell", 0)
+    if args.json and os.path.abspath(args.json) == os.path.abspath(args.replot):
+        raise SystemExit("bench: --json must not overwrite the --replot input")
+    render(meta, doc.get("notes", []), doc.get("runs", []), cells, doc.get("micro", {}),
+           workloads, meta.get("stdlib_asyncore") or "stdlib", args, out,
+           Progress(quiet=args.quiet))
+    return 0
+
+
 def run(args, out=sys.stdout):
+    if getattr(args, "replot", None):
+        return replot(args, out)
     progress = Progress(quiet=args.quiet)
     quick = args.quick or args.tiny
     runs = args.runs or (1 if quick else 3)
@@ -1067,49 +1159,8 @@ def run(args, out=sys.stdout):
                             extra += 1
                 cells[(wid, impl, var)] = summarize_cell(cell_runs)
 
-        title = "fastasyncore %s, %s, %s, %s" % (meta["fastasyncore"], meta["python"],
-                                                  meta["cpu"], meta["date"])
-        report = []
-        report.append("## fastasyncore benchmarks")
-        report.append("")
-        report.append("%s; %d CPUs; %s; %d run(s) per cell, %.1f s windows after %.1f s "
-                      "warm-up." % (meta["python"], meta["cpus"], meta["cpu"], runs,
-                                    ctx.duration, ctx.warmup))
-        report.append("%s. Ratios: against the better of stdlib asyncore select/poll "
-                      "in the same workload (same server pattern), and against uvloop. "
-                      "CPU is the process under test's utime+stime." % meta["pinning"])
-        report.append("")
-        if cells:
-            report.append(server_table(cells, workloads, std_label))
-            report.append("")
-        mt = micro_tables(micro, std_label)
-        if mt:
-            report.append(mt)
-        targets = evaluate_targets(cells, micro)
-        if targets:
-            report.append("### Targets")
-            report.append("")
-            report.append(targets_table(targets))
-            report.append("")
-        if notes:
-            report.append("Notes:")
-            for n in dict.fromkeys(notes):
-                report.append("- " + n)
-            report.append("")
-        print("\n".join(report), file=out, flush=True)
-
-        if args.plot:
-            msg = plot(cells, workloads, args.plot, title)
-            print(msg, file=sys.stderr if "written" in msg else out)
-        if args.json:
-            doc = {"meta": meta, "notes": list(dict.fromkeys(notes)), "runs": all_runs,
-                   "cells": [dict(workload=w, impl=i, variant=v, **s)
-                             for (w, i, v), s in cells.items()],
-                   "micro": micro,
-                   "targets": [dict(target=t, verdict=v, measured=d) for t, v, d in targets]}
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=1)
-            progress("JSON written to %s" % args.json)
+        meta["commit"] = _git_commit()
+        render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress)
         return 0 if cells or micro else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
