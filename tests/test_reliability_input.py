@@ -477,3 +477,59 @@ def test_b7_invalid_map_keys_give_clean_errors(impl, use_poll, key, request):
         asyncore.close_all(map=m)
         peer.close()
     gc.collect()
+
+
+# -- §4.7 minor checks: accept storm, recv(0) ------------------------------------------
+
+def test_accept_storm_all_served(impl, use_poll):
+    asyncore = impl.asyncore
+    m = {}
+    served = []
+
+    class Handler(asyncore.dispatcher):
+        def writable(self):
+            return False
+
+        def handle_read(self):
+            data = self.recv(10)
+            if data:
+                served.append(data)
+                self.close()
+
+    class Server(asyncore.dispatcher):
+        def handle_accepted(self, sock, addr):
+            Handler(sock, map=m)
+
+    srv = Server(map=m)
+    srv.create_socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(512)
+    clients = []
+    try:
+        for i in range(200):
+            c = socket.create_connection(srv.socket.getsockname(), timeout=5)
+            c.sendall(b"c%d" % i)
+            clients.append(c)
+        pump(asyncore, m, lambda: len(served) == 200, timeout=10, use_poll=use_poll)
+        assert sorted(served) == sorted(b"c%d" % i for i in range(200))
+        assert m == {srv._fileno: srv}
+    finally:
+        asyncore.close_all(map=m)
+        for c in clients:
+            c.close()
+
+
+def test_recv_zero_closes_like_stdlib(impl):
+    asyncore = impl.asyncore
+    m = {}
+    s, peer = pair()
+    closes = []
+    d = asyncore.dispatcher(s, map=m)
+    d.handle_close = lambda: (closes.append(1), d.close())
+    peer.send(b"data")
+    try:
+        assert d.recv(0) == b""          # kept: 3.11 treats it as EOF
+        assert closes == [1] and not m
+    finally:
+        asyncore.close_all(map=m)
+        peer.close()
