@@ -697,3 +697,49 @@ int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
         return poll_do_wait(p, timeout_ms, out, maxout);
     }
 }
+
+int fa_poll_list(const int *pairs, size_t n, int timeout_ms, int *out,
+                 size_t maxout)
+{
+    /* Stateless poll(2) over (fd, events) pairs: the loop's choice when most
+     * interests change every iteration (the asyncore docs pattern toggles
+     * writable() per request).  Rebuilding a pollfd array in C is then
+     * cheaper than one epoll_ctl() per change, and poll(2) itself reports
+     * closed fds (POLLNVAL) and regular files (always ready) as 3.11 saw
+     * them.  Negative fds are skipped by poll(2) (revents 0), by design. */
+    struct pollfd *pfds;
+    size_t i, nout = 0;
+    int rc;
+    if ((n && pairs == NULL) || (maxout && out == NULL))
+        return -EINVAL;
+    if (n > (size_t)INT_MAX || n > SIZE_MAX / sizeof(struct pollfd))
+        return -EINVAL;
+    if (maxout > (size_t)INT_MAX)
+        maxout = (size_t)INT_MAX;
+    if (timeout_ms < 0)
+        timeout_ms = -1;
+    pfds = malloc((n ? n : 1) * sizeof(struct pollfd));
+    if (pfds == NULL)
+        return -ENOMEM;
+    for (i = 0; i < n; i++) {
+        pfds[i].fd = pairs[2 * i];
+        pfds[i].events = (short)(pairs[2 * i + 1] & FA_INTEREST);
+        pfds[i].revents = 0;
+    }
+    rc = poll(pfds, (nfds_t)n, timeout_ms);
+    if (rc < 0) {
+        rc = -errno;
+        free(pfds);
+        return rc;
+    }
+    for (i = 0; i < n && rc > 0 && nout < maxout; i++) {
+        if (pfds[i].revents) {
+            rc--;
+            out[2 * nout] = pfds[i].fd;
+            out[2 * nout + 1] = pfds[i].revents & FA_REPORTED;
+            nout++;
+        }
+    }
+    free(pfds);
+    return (int)nout;
+}

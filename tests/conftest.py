@@ -77,3 +77,12 @@ def impl(request):
 @pytest.fixture(params=[False, True], ids=["select", "poll"])
 def use_poll(request):
     return request.param
+
+
+@pytest.fixture(params=["persistent", "rebuild"])
+def loop_mode(request):
+    """Pin the loop's wait strategy (persistent poller / stateless poll)."""
+    from fastasyncore import _loop
+    _loop._force_mode = request.param
+    yield request.param
+    _loop._force_mode = None

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 REQUIRE_CORE = os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1"
 NAMES = ("NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
          "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
-         "scan", "prefix_at_end")
+         "scan", "prefix_at_end", "poll_list")
 
 
 def _load(name):
@@ -966,3 +966,39 @@ def test_build_py_hands_over_to_pypa_build():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("build "), proc.stdout
     assert not os.path.exists(os.path.join(ROOT, "_core.c"))
+
+
+# -- poll_list: the stateless poll(2) ------------------------------------------
+
+def test_poll_list_readiness_nval_and_regular_files(be, tmp_path):
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    f = open(tmp_path / "plain", "wb")
+    try:
+        b.send(b"x")
+        gone = c.fileno()
+        c.close()                                # a closed fd in the list
+        ready = dict(be.poll_list({a.fileno(): be.POLLIN,
+                                   d.fileno(): be.POLLIN,
+                                   gone: be.POLLIN,
+                                   f.fileno(): be.POLLIN | be.POLLOUT}, 0))
+        assert ready[a.fileno()] & be.POLLIN
+        assert ready[gone] & be.POLLNVAL
+        assert ready[f.fileno()] & (be.POLLIN | be.POLLOUT) == be.POLLIN | be.POLLOUT
+        assert ready[d.fileno()] & be.POLLHUP      # its peer was closed
+    finally:
+        for s_ in (a, b, d):
+            s_.close()
+        f.close()
+
+
+def test_poll_list_timeout_and_empty(be):
+    a, b = socket.socketpair()
+    try:
+        t0 = time.monotonic()
+        assert be.poll_list({a.fileno(): be.POLLIN}, 50) == []
+        assert time.monotonic() - t0 >= 0.04
+        assert be.poll_list({}, 0) == []
+    finally:
+        a.close()
+        b.close()

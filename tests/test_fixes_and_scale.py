@@ -6,6 +6,11 @@ import sys
 import pytest
 
 
+
+@pytest.fixture(autouse=True)
+def _both_loop_modes(loop_mode):
+    """Every test here runs with the persistent poller and the stateless poll."""
+
 def pair():
     a, b = socket.socketpair()
     a.setblocking(False)

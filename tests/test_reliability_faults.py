@@ -20,6 +20,11 @@ from reliability_helpers import (pair, tcp_pair, rst_close, free_port, pump, dra
 
 # -- F1 (write side): C must never send because of B's stale POLLOUT ------------
 
+@pytest.fixture(autouse=True)
+def _both_loop_modes(loop_mode):
+    """Every test here runs with the persistent poller and the stateless poll."""
+
+
 def _stale_write_run(asyncore, use_poll):
     m = {}
     log = []

@@ -19,7 +19,7 @@ from ._core import ffi, lib  # ImportError when the core is not built
 __all__ = [
     "NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
     "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
-    "scan", "prefix_at_end",
+    "scan", "prefix_at_end", "poll_list",
 ]
 
 NAME = "cffi"
@@ -182,7 +182,7 @@ class Poller:
     def _load_changes(self, pending: Dict[int, int]) -> int:
         # One C-speed pass: the (fd, events) pairs into an int array, which
         # cffi then passes without a copy (kept alive in self._chg).
-        arr = _array("i", _chain.from_iterable(pending.items()))
+        arr = _array("i", list(_chain.from_iterable(pending.items())))
         self._chg_keep = arr
         self._chg = _from_buffer("int[]", arr)
         return len(pending)
@@ -333,6 +333,53 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
     bufs = ffi.new("char *[]", keep)
     lens = ffi.new("size_t[]", [len(b) for b in keep])
     return lib.fa_sendv(fd, bufs, lens, n, max_bytes)
+
+
+# ---- stateless poll ----------------------------------------------------------
+
+def _out_buf(n: int):
+    try:
+        buf = _tls.out
+        if len(buf) >= 2 * n:
+            return buf
+    except AttributeError:
+        pass
+    size = 256
+    while size < n:
+        size *= 2
+    buf = _tls.out = _new_noclear("int[]", 2 * size)
+    return buf
+
+
+def poll_list(interest: Dict[int, int], timeout_ms: int) -> List[Tuple[int, int]]:
+    """One poll(2) over the (fd, events) items of ``interest``; ready pairs.
+
+    Stateless: nothing is registered anywhere.  Keys must be valid fds (the
+    loop checks them when they enter its map).  EINTR: as Poller.wait.
+    """
+    n = len(interest)
+    # array(list(...)) converts twice as fast as array(iterator).
+    arr = _array("i", list(_chain.from_iterable(interest.items())))
+    pairs = _from_buffer("int[]", arr)
+    out = _out_buf(n)
+    tmo = -1 if timeout_ms < 0 else min(timeout_ms, _INT_MAX)
+    deadline = _monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
+    while True:
+        r = lib.fa_poll_list(pairs, n, tmo, out, n)
+        if r >= 0:
+            break
+        if r != -_EINTR:
+            raise _oserror(r)
+        # EINTR: signal handlers run here (one that raises propagates).
+        if tmo > 0:
+            left = deadline - _monotonic()
+            if left <= 0:
+                return []
+            tmo = int(_math.ceil(left * 1000.0))
+    if r:
+        it = iter(_unpack(out, r + r))
+        return list(zip(it, it))
+    return []
 
 
 # ---- buffers ------------------------------------------------------------------

@@ -98,22 +98,48 @@ def _classify(obj: Any) -> Tuple[bool, bool, bool]:
 
 
 # ---------------------------------------------------------------------------
+_ADAPT_EVERY = 64          # iterations between two adapt() decisions
+#: Tests set this to "persistent" or "rebuild" to pin the wait strategy.
+_force_mode: Optional[str] = None
+_REBUILD_MAX_FDS = 4096    # above this a stateless poll(2) never pays
+_INT_MAX = 2**31 - 1
+
+
+def _new_poller() -> Any:
+    try:
+        return _backend.current.Poller()
+    except OSError:
+        # epoll/kqueue need an fd of their own; out of fds (EMFILE), a
+        # poll()-based poller still works (the listener can back off).
+        if "poll" not in _backend.current.POLLER_KINDS:
+            raise
+        return _backend.current.Poller("poll")
+
+
+def _can_poll_list() -> bool:
+    return "poll" in _backend.current.POLLER_KINDS
+
+
+def _check_key(fd: Any) -> None:
+    # What Poller.modify() checks, for keys that reach only poll_list().
+    if not isinstance(fd, int):
+        raise TypeError("fd must be an int, not %s" % type(fd).__name__)
+    if fd < 0:
+        raise ValueError("fd must be >= 0, got %d" % fd)
+    if fd > _INT_MAX:
+        raise OverflowError("fd %d is too large" % fd)
+
+
 class MapState:
     """The persistent poller and bookkeeping for one socket map."""
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
-                 "full", "thread", "suspended", "batch", "__weakref__")
+                 "full", "thread", "suspended", "batch", "iters", "nchg",
+                 "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
-        try:
-            self.poller = _backend.current.Poller()
-        except OSError:
-            # epoll/kqueue need an fd of their own; out of fds (EMFILE), a
-            # poll()-based poller still works (the listener can back off).
-            if "poll" not in _backend.current.POLLER_KINDS:
-                raise
-            self.poller = _backend.current.Poller("poll")
+        self.poller: Optional[Any] = _new_poller()
         self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
         self.mask: Dict[Any, int] = {}        # fd -> registered interest (non-zero)
         # fd -> (fd, obj, call_readable, call_writable): channels asked each turn
@@ -125,6 +151,10 @@ class MapState:
         # Interest changes of fds the poller already validated, handed over
         # in one update() call before the wait (one call per iteration).
         self.batch: Dict[Any, int] = {}
+        # Interest changes seen over the last `iters` iterations: decides
+        # between the persistent poller and a stateless poll (see adapt()).
+        self.iters = 0
+        self.nchg = 0
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
@@ -134,11 +164,15 @@ class MapState:
                 self.batch[fd] = m
                 self.mask[fd] = m
                 return
-            # A first registration (the poller validates the key: a bad one
-            # raises here and is not recorded, or every later iteration would
-            # fail too) or a removal (applied at once, before a close).
+            # A first registration (the key is validated: a bad one raises
+            # here and is not recorded, or every later iteration would fail
+            # too) or a removal (applied at once, before a close).
+            self.nchg += 1
             self.batch.pop(fd, None)
-            self.poller.modify(fd, m)
+            if self.poller is not None:
+                self.poller.modify(fd, m)
+            elif m:
+                _check_key(fd)
             if m:
                 self.mask[fd] = m
             else:
@@ -147,7 +181,36 @@ class MapState:
     def flush(self) -> None:
         batch = self.batch
         self.batch = {}
-        self.poller.update(batch)
+        self.nchg += len(batch)
+        if self.poller is not None:
+            self.poller.update(batch)
+
+    def adapt(self) -> None:
+        """Pick the cheaper way to wait for the coming iterations.
+
+        A persistent poller (epoll/kqueue) costs one kernel call per interest
+        change; a stateless poll(2) costs a little per registered fd.  The
+        asyncore docs pattern toggles writable() on every request, so a busy
+        map of such channels changes most of its interests every iteration:
+        then a stateless poll is cheaper (it is what 3.11 does, in C).  Idle
+        or managed channels change nothing: then the persistent poller wins,
+        by far, for large maps.
+        """
+        per_iter = self.nchg / self.iters if self.iters else 0.0
+        n = len(self.mask)
+        self.iters = 0
+        self.nchg = 0
+        if _force_mode is not None:
+            per_iter = n if _force_mode == "rebuild" else 0.0
+        if self.poller is not None:
+            if per_iter * 5 > n and n <= _REBUILD_MAX_FDS and _can_poll_list():
+                self.poller.close()
+                self.poller = None
+        elif per_iter * 10 < n or n > _REBUILD_MAX_FDS:
+            poller = _new_poller()
+            for fd, m in self.mask.items():
+                poller.modify(fd, m)
+            self.poller = poller
 
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)
@@ -156,7 +219,9 @@ class MapState:
         self.batch.pop(fd, None)
         if fd in self.mask:
             del self.mask[fd]
-            self.poller.modify(fd, 0)
+            self.nchg += 1
+            if self.poller is not None:
+                self.poller.modify(fd, 0)
 
     def _managed_mask(self, fd: Any, obj: Any) -> int:
         if self.suspended and fd in self.suspended:
@@ -224,7 +289,8 @@ class MapState:
                     self._set_mask(fd, m)
 
     def close(self) -> None:
-        self.poller.close()
+        if self.poller is not None:
+            self.poller.close()
         self.owner.clear()
         self.mask.clear()
         self.consulted.clear()
@@ -312,7 +378,8 @@ def _after_fork_in_child() -> None:
     # Drop every state; the next iteration builds a fresh poller.
     for st in list(_states.values()):
         try:
-            st.poller.close()
+            if st.poller is not None:
+                st.poller.close()
         except OSError:
             pass
     _states.clear()
@@ -432,7 +499,13 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     if not st.mask and select_mode:
         time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
         return
-    events = st.poller.wait(ms)
+    st.iters += 1
+    if st.iters >= _ADAPT_EVERY or _force_mode is not None:
+        st.adapt()
+    if st.poller is None:
+        events = _backend.current.poll_list(st.mask, ms)
+    else:
+        events = st.poller.wait(ms)
     if not events:
         return
     owner = st.owner

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 __all__ = [
     "NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
     "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
-    "scan", "prefix_at_end",
+    "scan", "prefix_at_end", "poll_list",
 ]
 
 NAME = "pure"
@@ -507,6 +507,21 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
             return s.sendmsg(views, (), _MSG_NOSIGNAL)
     except OSError as exc:
         return -(exc.errno or _errno.EIO)
+
+
+# ---- stateless poll ----------------------------------------------------------------
+
+def poll_list(interest: Dict[int, int], timeout_ms: int) -> List[Tuple[int, int]]:
+    """One poll(2) over the (fd, events) items of ``interest``; ready pairs.
+
+    Stateless (what asyncore 3.11's poll2 does every iteration); select.poll
+    retries EINTR itself (PEP 475) and lets a raising signal handler through.
+    """
+    p = _select.poll()
+    register = p.register
+    for fd, ev in interest.items():
+        register(fd, ev)
+    return p.poll(timeout_ms if timeout_ms >= 0 else None)
 
 
 # ---- buffers -------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""The loop picks its wait strategy from the observed interest churn."""
+
+import socket
+
+from fastasyncore import _loop
+
+
+def pairs(n):
+    out = []
+    for _ in range(n):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        out.append((a, b))
+    return out
+
+
+def test_churning_docs_pattern_map_uses_stateless_poll(backend):
+    from fastasyncore import asyncore
+    m = {}
+    socks = pairs(20)
+
+    class Toggle(asyncore.dispatcher):
+        flip = False
+
+        def writable(self):
+            self.flip = not self.flip      # a new answer every iteration
+            return self.flip
+
+        def handle_write(self):
+            pass
+
+    for a, _ in socks:
+        Toggle(a, map=m)
+    try:
+        asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_EVERY * 2)
+        st = _loop._states[id(m)]
+        assert st.poller is None            # switched to the stateless poll
+        # ...and it still dispatches: a byte from a peer is read.
+        got = []
+        d = m[socks[0][0].fileno()]
+        d.handle_read = lambda: got.append(d.recv(10))
+        socks[0][1].send(b"x")
+        asyncore.loop(timeout=0.5, use_poll=True, map=m, count=2)
+        assert got == [b"x"]
+    finally:
+        asyncore.close_all(map=m)
+        for _, b in socks:
+            b.close()
+
+
+def test_idle_managed_map_keeps_the_persistent_poller(backend):
+    from fastasyncore import asyncore
+    m = {}
+    socks = pairs(50)
+    for a, _ in socks:
+        asyncore.dispatcher_with_send(a, map=m)
+    try:
+        asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_EVERY * 2)
+        st = _loop._states[id(m)]
+        assert st.poller is not None
+        assert st.poller.kind == backend.POLLER_KINDS[0]
+    finally:
+        asyncore.close_all(map=m)
+        for _, b in socks:
+            b.close()
