@@ -255,16 +255,28 @@ class MapState:
                     self._adopt(fd, obj)
             return
         pending = self.pending
+        owner = self.owner
+        consulted = self.consulted
+        mask = self.mask
+        susp = self.suspended
         while pending:
             fd = pending.pop()
             obj = m.get(fd)
             if obj is None:
                 self._drop(fd)
-            elif self.owner.get(fd) is not obj:
+            elif owner.get(fd) is not obj:
                 self._drop(fd)
                 self._adopt(fd, obj)
-            elif fd not in self.consulted:
-                self._set_mask(fd, self._managed_mask(fd, obj))
+            elif fd not in consulted:
+                # The managed channel's answer, inline (hot: once per event).
+                new = 0 if (susp and fd in susp) else obj._fa_mask()
+                cur = mask.get(fd, 0)
+                if new != cur:
+                    if cur and new:
+                        mask[fd] = new
+                        self.batch[fd] = new
+                    else:
+                        self._set_mask(fd, new)
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
@@ -397,13 +409,6 @@ def poller_kind() -> str:
 # Dispatch: the same exception routing as asyncore 3.11's read/write/_exception
 # and readwrite, plus the owner checks.
 
-def _call(obj: Any, name: str) -> None:
-    try:
-        getattr(obj, name)()
-    except REraised:
-        raise
-    except BaseException:
-        obj.handle_error()
 
 
 def _readwrite(obj: Any, flags: int, map: Dict[Any, Any], fd: Any) -> None:
@@ -533,19 +538,35 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                 writes.append((fd, obj))
             if m & POLLPRI and ev & POLLPRI:
                 expts.append((fd, obj))
+        # (The try/except of asyncore.read/write/_exception, inlined.)
         for fd, obj in reads:
             if map.get(fd) is obj:
-                _call(obj, "handle_read_event")
+                try:
+                    obj.handle_read_event()
+                except REraised:
+                    raise
+                except BaseException:
+                    obj.handle_error()
                 if fd not in consulted:
                     pending.add(fd)
         for fd, obj in writes:
             if map.get(fd) is obj:
-                _call(obj, "handle_write_event")
+                try:
+                    obj.handle_write_event()
+                except REraised:
+                    raise
+                except BaseException:
+                    obj.handle_error()
                 if fd not in consulted:
                     pending.add(fd)
         for fd, obj in expts:
             if map.get(fd) is obj:
-                _call(obj, "handle_expt_event")
+                try:
+                    obj.handle_expt_event()
+                except REraised:
+                    raise
+                except BaseException:
+                    obj.handle_error()
                 if fd not in consulted:
                     pending.add(fd)
     else:

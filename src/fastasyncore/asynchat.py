@@ -302,12 +302,13 @@ class async_chat(asyncore.dispatcher):
 
     def initiate_send(self):
         try:
-            fd = asyncore._fast_fd(self.socket)
-            if fd >= 0 and type(self).send is asyncore.dispatcher.send \
-                    and 'send' not in self.__dict__:
-                self._initiate_sendv(fd)
-            else:
-                self._initiate_send()
+            if len(self.producer_fifo) > 1:
+                fd = asyncore._fast_fd(self.socket)
+                if fd >= 0 and type(self).send is asyncore.dispatcher.send \
+                        and 'send' not in self.__dict__:
+                    self._initiate_sendv(fd)
+                    return
+            self._initiate_send()
         finally:
             _touch(self)
 
@@ -320,7 +321,7 @@ class async_chat(asyncore.dispatcher):
         if not (fifo and self.connected):
             return
         first = fifo[0]
-        if not first or first.__class__ not in _BYTES_TYPES or len(fifo) == 1:
+        if not first or first.__class__ not in _BYTES_TYPES:
             return self._initiate_send()
         obs = self.ac_out_buffer_size
         chunks = []

@@ -520,14 +520,15 @@ class dispatcher_with_send(dispatcher):
         self._fa_out = _backend.current.SendQueue()
         dispatcher.__init__(self, sock, map)
 
+    _fa_out = None
+
     def _fa_queue(self):
         # Subclasses may skip our __init__ (calling dispatcher.__init__ and
         # assigning out_buffer themselves): create the queue on first use.
-        try:
-            return self.__dict__["_fa_out"]
-        except KeyError:
+        q = self._fa_out
+        if q is None:
             q = self._fa_out = _backend.current.SendQueue()
-            return q
+        return q
 
     @property
     def out_buffer(self):
@@ -565,14 +566,29 @@ class dispatcher_with_send(dispatcher):
         return (not self.connected) or len(self._fa_queue())
 
     def _fa_mask(self):
-        if not self.accepting and (not self.connected or self._fa_queue()):
-            return _READ | _POLLOUT
-        return _READ
+        if self.accepting or (self.connected and not self._fa_out):
+            return _READ
+        return _READ | _POLLOUT
 
     def send(self, data):
         if self.debug:
             self.log_info('sending %s' % repr(data))
-        self._fa_queue().push(data)
+        q = self._fa_out
+        if q is None:
+            q = self._fa_queue()
+        if not q and type(self).initiate_send is dispatcher_with_send.initiate_send \
+                and 'initiate_send' not in self.__dict__:
+            # 3.11 with an empty buffer: out_buffer = data, then one
+            # dispatcher.send(self, out_buffer[:65536]).  Same call, without
+            # copying the data into the queue first; only the rest is queued.
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError("can't concat %s to bytes" % type(data).__name__)
+            num_sent = dispatcher.send(self, data[:65536])
+            if num_sent < len(data):
+                q.push(memoryview(data)[num_sent:])
+                _touch(self)
+            return
+        q.push(data)
         self.initiate_send()
 
 
