@@ -572,6 +572,40 @@ def server_table(cells, order, stdlib_label):
     return "\n".join(lines)
 
 
+def compact_table(cells, order, stdlib_label):
+    """One row per workload (and server pattern), one column per implementation:
+    median throughput with the CPU per unit in brackets (like performance.md's anchors)."""
+    cols = [i for i in SERVER_IMPLS if any(k[1] == i for k in cells)]
+    if not cols:
+        return ""
+    head = [row_label(c, "", stdlib_label) for c in cols]
+    lines = ["| workload | unit | " + " | ".join(head) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for wid, kind, spec in order:
+        if kind == "micro":
+            continue
+        variants = []
+        for (w, impl, var) in cells:
+            if w == wid and var not in variants:
+                variants.append(var)
+        named = [v for v in variants if v]
+        for var in (named or [""]):
+            tunit, cunit = UNITS[spec["metric"]]
+            row = []
+            for c in cols:
+                sc = cells.get((wid, c, var)) or cells.get((wid, c, ""))
+                if sc is None:
+                    row.append("")
+                elif sc.get("error"):
+                    row.append("crashes" if "crash" in sc["error"] else "error")
+                else:
+                    row.append("%s (%s)" % (fmt_num(sc["throughput"]),
+                                            fmt_num(sc["cpu_per_unit"])))
+            label = wid + (" %s" % var if var else "")
+            lines.append("| %s | %s (%s) | %s |" % (label, tunit, cunit, " | ".join(row)))
+    return "\n".join(lines)
+
+
 def micro_tables(micro, stdlib_label):
     out = []
     idle = micro.get("micro_idle")
@@ -918,7 +952,10 @@ def build_parser(parser=None):
 def _git_commit():
     """The git commit of the fastasyncore tree being measured, if it is a checkout."""
     import fastasyncore
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fastasyncore.__file__))))
+    src = os.path.dirname(os.path.dirname(os.path.abspath(fastasyncore.__file__)))
+    if os.path.basename(src) != "src":      # an installed package, not a checkout
+        return None
+    root = os.path.dirname(src)
     try:
         p = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty"],
                            capture_output=True, text=True, timeout=10)
@@ -948,6 +985,13 @@ def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out,
                       meta["pinning"], DISTURBED_SHARE * 100))
     report.append("")
     if cells:
+        report.append("### Summary: median throughput (CPU of the process under test "
+                      "per unit)")
+        report.append("")
+        report.append(compact_table(cells, workloads, std_label))
+        report.append("")
+        report.append("### Every cell")
+        report.append("")
         report.append(server_table(cells, workloads, std_label))
         report.append("")
     mt = micro_tables(micro, std_label)
