@@ -233,7 +233,9 @@ class MapState:
         self.owner[fd] = obj
         if managed:
             self.consulted.pop(fd, None)
-            self._set_mask(fd, self._managed_mask(fd, obj))
+            m = self._managed_mask(fd, obj)
+            self._set_mask(fd, m)
+            obj._fa_regmask = m
         else:
             self.consulted[fd] = (fd, obj, call_r, call_w)
 
@@ -250,7 +252,9 @@ class MapState:
             self.consulted = {}
             for fd, obj in list(m.items()):
                 if self.owner.get(fd) is obj and fd not in old:
-                    self._set_mask(fd, self._managed_mask(fd, obj))
+                    mm = self._managed_mask(fd, obj)
+                    self._set_mask(fd, mm)
+                    obj._fa_regmask = mm
                 else:
                     self._adopt(fd, obj)
             return
@@ -277,6 +281,7 @@ class MapState:
                         self.batch[fd] = new
                     else:
                         self._set_mask(fd, new)
+                obj._fa_regmask = new
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
@@ -328,6 +333,8 @@ def _state(map: Dict[Any, Any]) -> MapState:
 def touch(obj: Any) -> None:
     """A managed channel's state changed: recompute its interest before the next wait."""
     try:
+        if obj._fa_mask() == obj._fa_regmask:
+            return      # the kernel already has this interest: nothing to do
         st = _states.get(id(obj._map))
     except AttributeError:
         return
@@ -547,7 +554,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted:
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
         for fd, obj in writes:
             if map.get(fd) is obj:
@@ -557,7 +564,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted:
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
         for fd, obj in expts:
             if map.get(fd) is obj:
@@ -567,12 +574,12 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted:
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
     else:
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is not None and map.get(fd) is obj:
                 _readwrite(obj, ev, map, fd)
-                if fd not in consulted:
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)

@@ -152,7 +152,13 @@ class async_chat(asyncore.dispatcher):
 
         if isinstance(data, str) and self.use_encoding:
             data = bytes(str, self.encoding)   # 3.11's latent bug, kept
-        self.ac_in_buffer = self.ac_in_buffer + data
+        # self.ac_in_buffer = self.ac_in_buffer + data, without the property
+        pos = self._fa_pos
+        buf = self._fa_in
+        if pos:
+            buf = buf[pos:]
+        self._fa_in = buf + data if buf else b'' + data
+        self._fa_pos = 0
 
         # Continue to search for self.terminator in self.ac_in_buffer,
         # while calling self.collect_incoming_data.  The while loop
@@ -310,7 +316,8 @@ class async_chat(asyncore.dispatcher):
                     return
             self._initiate_send()
         finally:
-            _touch(self)
+            if self._fa_mask() != self._fa_regmask:
+                _touch(self)
 
     def _initiate_sendv(self, fd):
         # The wire bytes of 3.11's initiate_send (at most ac_out_buffer_size

@@ -177,6 +177,7 @@ class dispatcher:
     closing = False
     addr = None
     ignore_log_types = frozenset({'warning'})
+    _fa_regmask = -1        # the interest the loop registered for us (managed)
 
     def __init__(self, sock=None, map=None):
         if map is None:
