@@ -135,7 +135,7 @@ class MapState:
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg",
-                 "__weakref__")
+                 "csnap", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -145,6 +145,7 @@ class MapState:
         # fd -> (fd, obj, call_readable, call_writable): channels asked each turn
         self.consulted: Dict[Any, Tuple[Any, Any, bool, bool]] = {}
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
+        self.csnap: Optional[Tuple[Any, ...]] = None  # consulted, as a tuple
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
@@ -215,7 +216,8 @@ class MapState:
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)
         self.suspended.pop(fd, None)
-        self.consulted.pop(fd, None)
+        if self.consulted.pop(fd, None) is not None:
+            self.csnap = None
         self.batch.pop(fd, None)
         if fd in self.mask:
             del self.mask[fd]
@@ -232,12 +234,14 @@ class MapState:
         managed, call_r, call_w = _classify(obj)
         self.owner[fd] = obj
         if managed:
-            self.consulted.pop(fd, None)
+            if self.consulted.pop(fd, None) is not None:
+                self.csnap = None
             m = self._managed_mask(fd, obj)
             self._set_mask(fd, m)
             obj._fa_regmask = m
         else:
             self.consulted[fd] = (fd, obj, call_r, call_w)
+            self.csnap = None
 
     def reconcile(self) -> None:
         """Bring owner/mask/consulted in line with the map for changed fds."""
@@ -250,6 +254,7 @@ class MapState:
             # Rebuild consulted in map order (3.11 asks channels in map order).
             old = self.consulted
             self.consulted = {}
+            self.csnap = None
             for fd, obj in list(m.items()):
                 if self.owner.get(fd) is obj and fd not in old:
                     mm = self._managed_mask(fd, obj)
@@ -289,7 +294,11 @@ class MapState:
         batch = self.batch
         susp = self.suspended
         extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
-        for fd, obj, call_r, call_w in list(self.consulted.values()):
+        snap = self.csnap
+        if snap is None:
+            snap = self.csnap = tuple(self.consulted.values())
+        owner = self.owner
+        for fd, obj, call_r, call_w in snap:
             m = _READ if (not call_r or obj.readable()) else 0
             if not call_w or obj.writable():
                 m |= extra
@@ -302,7 +311,7 @@ class MapState:
                 if cur and m:
                     mask[fd] = m
                     batch[fd] = m
-                else:
+                elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
 
     def close(self) -> None:
@@ -311,6 +320,7 @@ class MapState:
         self.owner.clear()
         self.mask.clear()
         self.consulted.clear()
+        self.csnap = None
 
 
 _states: Dict[int, MapState] = {}
