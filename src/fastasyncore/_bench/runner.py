@@ -44,8 +44,10 @@ WORKLOADS = [
     ("W1_c1", "server", dict(metric="req", mode="pingpong", conns=1, size=64)),
     ("W1_c100", "server", dict(metric="req", mode="pingpong", conns=100, size=64)),
     ("W1_c1000", "server", dict(metric="req", mode="pingpong", conns=1000, size=64)),
-    ("W2_echo_c1", "server", dict(metric="bulk", mode="echo", conns=1)),
-    ("W2_echo_c8", "server", dict(metric="bulk", mode="echo", conns=8)),
+    ("W2_echo_c1", "server", dict(metric="bulk", mode="echo", conns=1,
+                                  variants=("docs", "managed"))),
+    ("W2_echo_c8", "server", dict(metric="bulk", mode="echo", conns=8,
+                                  variants=("docs", "managed"))),
     ("W2_oneway_c1", "server", dict(metric="bulk", mode="oneway", conns=1, pattern="oneway")),
     ("W2_oneway_c8", "server", dict(metric="bulk", mode="oneway", conns=8, pattern="oneway")),
     ("W3_idle0", "server", dict(metric="req", mode="pingpong", conns=10, size=64, idle=0,
@@ -706,15 +708,19 @@ def evaluate_targets(cells, micro):
                 "CPU %.2f× stdlib, %s C; req/s %.2f× stdlib" % (
                     r1, "%.2f×" % r2 if r2 else "n/a", r3))
     w = "W2_echo_c8"
-    std, uv = best_std(w), cell(w, "uvloop")
-    for impl in fa:
-        s = cell(w, impl)
-        if s and std:
-            r1 = s["throughput"] / std["throughput"]
-            r2 = s["throughput"] / uv["throughput"] if uv else None
-            add("%s %s: ≥ 2× stdlib MB/s, ≥ uvloop" % (w, impl),
-                r1 >= 2 and (r2 is None or r2 >= 1),
-                "%.2f× stdlib, %s uvloop" % (r1, "%.2f×" % r2 if r2 else "n/a"))
+    uv = cell(w, "uvloop")
+    for var in ("", "docs", "managed"):
+        std = best_std(w, var)
+        for impl in fa:
+            s = cell(w, impl, var)
+            if s and std:
+                r1 = s["throughput"] / std["throughput"]
+                r2 = s["throughput"] / uv["throughput"] if uv else None
+                add("%s%s %s: ≥ 2× stdlib MB/s, ≥ uvloop" % (w, " " + var if var else "", impl),
+                    r1 >= 2 and (r2 is None or r2 >= 1),
+                    "%.2f× stdlib, %s uvloop (CPU/GB %.2f× stdlib)" % (
+                        r1, "%.2f×" % r2 if r2 else "n/a",
+                        s["cpu_per_unit"] / std["cpu_per_unit"]))
     for impl in fa:
         s0, s1 = cell("W3_idle0", impl, "managed"), cell("W3_idle10000", impl, "managed")
         std = cell("W3_idle10000", "asyncore-poll", "managed")
