@@ -174,6 +174,8 @@ class async_chat(asyncore.dispatcher):
         limit = self.max_input_bytes
         if limit is not None and not self._fa_check_input(buf, pos, limit):
             return
+        fast = type(self).get_terminator is async_chat.get_terminator \
+            and 'get_terminator' not in self.__dict__
         while len(buf) > pos:
             lb = len(buf) - pos
             terminator = self.get_terminator()
@@ -221,10 +223,29 @@ class async_chat(asyncore.dispatcher):
                             buf = self._fa_in
                             pos = self._fa_pos
                             continue
-                    self._fa_pos = index + terminator_len
+                    self._fa_pos = pos = index + terminator_len
                     # This does the Right Thing if the terminator
                     # is changed here.
                     self.found_terminator()
+                    if fast:
+                        # More records with the same terminator object in
+                        # the same buffer: the steps above, without asking
+                        # get_terminator() again (it is not overridden).
+                        n = len(buf)
+                        while pos < n and self.terminator is terminator \
+                                and self._fa_in is buf and self._fa_pos == pos:
+                            index = buf.find(terminator, pos)
+                            if index == -1:
+                                break
+                            if index > pos:
+                                self.collect_incoming_data(buf[pos:index])
+                                if self._fa_in is not buf or self._fa_pos != pos:
+                                    self.ac_in_buffer = self.ac_in_buffer[
+                                        index - pos + terminator_len:]
+                                    self.found_terminator()
+                                    break
+                            self._fa_pos = pos = index + terminator_len
+                            self.found_terminator()
                 else:
                     # check for a prefix of the terminator
                     index = _prefix_at_end(buf, pos, terminator)
@@ -269,11 +290,39 @@ class async_chat(asyncore.dispatcher):
             raise TypeError('data argument must be byte-ish (%r)',
                             type(data))
         sabs = self.ac_out_buffer_size
+        fifo = self.producer_fifo
+        if not fifo and len(data) <= sabs and self.connected \
+                and type(self).initiate_send is async_chat.initiate_send \
+                and 'initiate_send' not in self.__dict__:
+            # 3.11's append + initiate_send() on an empty queue, as one step:
+            # one self.send(data), and only what it did not take is queued.
+            if data:
+                try:
+                    num_sent = self.send(data)
+                except OSError:
+                    fifo.append(data)      # where 3.11 has it at this point
+                    self.handle_error()
+                    return
+                if num_sent >= len(data):
+                    return
+                data = data[num_sent:] if num_sent else data
+            else:
+                fifo.append(data)
+                self.initiate_send()   # 3.11 makes a 0-byte send here
+                return
+            fifo.append(data)
+            if self.max_output_bytes is not None and \
+                    self.output_queued() > self.max_output_bytes:
+                self.handle_output_overflow()
+                return
+            if self._fa_mask() != self._fa_regmask:
+                _touch(self)
+            return
         if len(data) > sabs:
             for i in range(0, len(data), sabs):
-                self.producer_fifo.append(data[i:i+sabs])
+                fifo.append(data[i:i+sabs])
         else:
-            self.producer_fifo.append(data)
+            fifo.append(data)
         if self.max_output_bytes is not None and \
                 self.output_queued() > self.max_output_bytes:
             self.handle_output_overflow()
