@@ -249,3 +249,57 @@ def test_no_fd_leak_per_map(backend):
         d.close()
         peer.close()
     assert len(os.listdir("/proc/self/fd")) - before < 5
+
+
+def test_predicate_assigned_on_instance_later_is_honoured(impl, use_poll):
+    """A managed channel that later gets its own readable() is asked again."""
+    asyncore = impl.asyncore
+    m = {}
+    s, peer = pair()
+    d = asyncore.dispatcher_with_send(s, map=m)
+    d.handle_read = lambda: d.recv(10)
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+        calls = []
+        d.readable = lambda: calls.append("r") or True
+        peer.send(b"x")                       # an event, then the next turns
+        asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=4)
+        assert len(calls) >= 3
+    finally:
+        asyncore.close_all(map=m)
+        peer.close()
+
+
+def test_vectorized_consult_sees_changed_answers(backend, use_poll):
+    """Many docs-pattern channels: only the one whose answer flips writes."""
+    from fastasyncore import asyncore
+    m, peers, writes = {}, [], []
+
+    class Docs(asyncore.dispatcher):
+        want = False
+
+        def writable(self):
+            return self.want
+
+        def handle_write(self):
+            writes.append(self._fileno)
+            self.want = False
+
+    chans = []
+    for _ in range(30):
+        s, peer = pair()
+        peers.append(peer)
+        chans.append(Docs(s, map=m))
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
+        assert writes == []
+        chans[17].want = True
+        asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=3)
+        assert writes == [chans[17]._fileno]
+        chans[3].want = chans[29].want = True
+        asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=3)
+        assert sorted(writes[1:]) == sorted([chans[3]._fileno, chans[29]._fileno])
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()

@@ -25,6 +25,8 @@ Nothing here knows the asyncore module: the API module calls :func:`poll_once`.
 
 import errno
 import math
+from itertools import compress as _compress
+from operator import ne as _ne
 import os
 import threading
 import time
@@ -120,6 +122,21 @@ def _can_poll_list() -> bool:
     return "poll" in _backend.current.POLLER_KINDS
 
 
+def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]]:
+    """("w"|"r", fds, objs) when every consulted channel overrides the same one
+    predicate; None otherwise (then consult() walks them one by one)."""
+    if not snap:
+        return None
+    kinds = {(e[2], e[3]) for e in snap}
+    if kinds == {(False, True)}:
+        which = "w"
+    elif kinds == {(True, False)}:
+        which = "r"
+    else:
+        return None
+    return which, tuple(e[0] for e in snap), tuple(e[1] for e in snap)
+
+
 def _check_key(fd: Any) -> None:
     # What Poller.modify() checks, for keys that reach only poll_list().
     if not isinstance(fd, int):
@@ -135,7 +152,7 @@ class MapState:
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg",
-                 "csnap", "__weakref__")
+                 "csnap", "cvec", "cprev", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -146,6 +163,8 @@ class MapState:
         self.consulted: Dict[Any, Tuple[Any, Any, bool, bool]] = {}
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
         self.csnap: Optional[Tuple[Any, ...]] = None  # consulted, as a tuple
+        self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]] = None
+        self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last answers
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
@@ -276,7 +295,9 @@ class MapState:
             elif owner.get(fd) is not obj:
                 self._drop(fd)
                 self._adopt(fd, obj)
-            elif fd not in consulted:
+            elif fd in consulted:
+                self.cprev = None    # e.g. listen(): re-read accepting
+            else:
                 # The managed channel's answer, inline (hot: once per event).
                 new = 0 if (susp and fd in susp) else obj._fa_mask()
                 cur = mask.get(fd, 0)
@@ -290,13 +311,19 @@ class MapState:
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers."""
+        snap = self.csnap
+        if snap is None:
+            snap = self.csnap = tuple(self.consulted.values())
+            self.cvec = _vectorize(snap)
+            self.cprev = None
+        vec = self.cvec
+        if vec is not None and not self.suspended:
+            self._consult_vec(vec, select_mode)
+            return
         mask = self.mask
         batch = self.batch
         susp = self.suspended
         extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
-        snap = self.csnap
-        if snap is None:
-            snap = self.csnap = tuple(self.consulted.values())
         owner = self.owner
         for fd, obj, call_r, call_w in snap:
             m = _READ if (not call_r or obj.readable()) else 0
@@ -306,6 +333,52 @@ class MapState:
                     m |= POLLOUT
             if susp and fd in susp:
                 m = 0
+            cur = mask.get(fd, 0)
+            if cur != m:
+                if cur and m:
+                    mask[fd] = m
+                    batch[fd] = m
+                elif owner.get(fd) is obj:   # not closed by an earlier answer
+                    self._set_mask(fd, m)
+        self.cprev = None
+
+    def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...]],
+                     select_mode: bool) -> None:
+        # Every consulted channel overrides the same one predicate (the docs
+        # pattern: writable() only).  Ask them all in one comprehension, in
+        # map order, and only look at the channels whose answer (truthiness)
+        # changed since the last iteration.
+        which, fds, objs = vec
+        if which == "w":
+            answers = list(map(bool, [o.writable() for o in objs]))
+        else:
+            answers = list(map(bool, [o.readable() for o in objs]))
+        prev = self.cprev
+        key = (select_mode, answers)
+        if prev is not None and prev[0] == select_mode:
+            if prev[1] == answers:
+                return
+            todo = _compress(range(len(fds)), map(_ne, answers, prev[1]))
+        else:
+            todo = range(len(fds))
+        self.cprev = key
+        mask = self.mask
+        batch = self.batch
+        owner = self.owner
+        extra = POLLPRI if select_mode else 0
+        for i in todo:
+            fd = fds[i]
+            obj = objs[i]
+            if which == "w":
+                m = _READ
+                if answers[i]:
+                    m |= extra
+                    if not obj.accepting:
+                        m |= POLLOUT
+            else:
+                m = (_READ if answers[i] else 0) | extra
+                if not obj.accepting:
+                    m |= POLLOUT
             cur = mask.get(fd, 0)
             if cur != m:
                 if cur and m:
@@ -564,8 +637,13 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                    pending.add(fd)
+                if fd not in consulted:
+                    d = obj.__dict__
+                    if "writable" in d or "readable" in d:
+                        owner[fd] = None      # now overrides: re-classify
+                        pending.add(fd)
+                    elif obj._fa_mask() != obj._fa_regmask:
+                        pending.add(fd)
         for fd, obj in writes:
             if map.get(fd) is obj:
                 try:
@@ -574,8 +652,13 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                    pending.add(fd)
+                if fd not in consulted:
+                    d = obj.__dict__
+                    if "writable" in d or "readable" in d:
+                        owner[fd] = None      # now overrides: re-classify
+                        pending.add(fd)
+                    elif obj._fa_mask() != obj._fa_regmask:
+                        pending.add(fd)
         for fd, obj in expts:
             if map.get(fd) is obj:
                 try:
@@ -584,12 +667,22 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                     raise
                 except BaseException:
                     obj.handle_error()
-                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                    pending.add(fd)
+                if fd not in consulted:
+                    d = obj.__dict__
+                    if "writable" in d or "readable" in d:
+                        owner[fd] = None      # now overrides: re-classify
+                        pending.add(fd)
+                    elif obj._fa_mask() != obj._fa_regmask:
+                        pending.add(fd)
     else:
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is not None and map.get(fd) is obj:
                 _readwrite(obj, ev, map, fd)
-                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                    pending.add(fd)
+                if fd not in consulted:
+                    d = obj.__dict__
+                    if "writable" in d or "readable" in d:
+                        owner[fd] = None      # now overrides: re-classify
+                        pending.add(fd)
+                    elif obj._fa_mask() != obj._fa_regmask:
+                        pending.add(fd)
