@@ -303,9 +303,10 @@ class async_chat(asyncore.dispatcher):
                     fifo.append(data)      # where 3.11 has it at this point
                     self.handle_error()
                     return
-                if num_sent >= len(data):
-                    return
-                data = data[num_sent:] if num_sent else data
+                if num_sent:               # (a user send() may return None)
+                    if num_sent >= len(data):
+                        return
+                    data = data[num_sent:]
             else:
                 fifo.append(data)
                 self.initiate_send()   # 3.11 makes a 0-byte send here
