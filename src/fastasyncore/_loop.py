@@ -606,6 +606,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     owner = st.owner
     pending = st.pending
     consulted = st.consulted
+    handled: List[Tuple[Any, Any]] = []
     if select_mode:
         # 3.11 order: every read, then every write, then every exception.
         reads: List[Tuple[Any, Any]] = []
@@ -628,61 +629,33 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                 writes.append((fd, obj))
             if m & POLLPRI and ev & POLLPRI:
                 expts.append((fd, obj))
-        # (The try/except of asyncore.read/write/_exception, inlined.)
-        for fd, obj in reads:
-            if map.get(fd) is obj:
-                try:
-                    obj.handle_read_event()
-                except REraised:
-                    raise
-                except BaseException:
-                    obj.handle_error()
-                if fd not in consulted:
-                    d = obj.__dict__
-                    if "writable" in d or "readable" in d:
-                        owner[fd] = None      # now overrides: re-classify
-                        pending.add(fd)
-                    elif obj._fa_mask() != obj._fa_regmask:
-                        pending.add(fd)
-        for fd, obj in writes:
-            if map.get(fd) is obj:
-                try:
-                    obj.handle_write_event()
-                except REraised:
-                    raise
-                except BaseException:
-                    obj.handle_error()
-                if fd not in consulted:
-                    d = obj.__dict__
-                    if "writable" in d or "readable" in d:
-                        owner[fd] = None      # now overrides: re-classify
-                        pending.add(fd)
-                    elif obj._fa_mask() != obj._fa_regmask:
-                        pending.add(fd)
-        for fd, obj in expts:
-            if map.get(fd) is obj:
-                try:
-                    obj.handle_expt_event()
-                except REraised:
-                    raise
-                except BaseException:
-                    obj.handle_error()
-                if fd not in consulted:
-                    d = obj.__dict__
-                    if "writable" in d or "readable" in d:
-                        owner[fd] = None      # now overrides: re-classify
-                        pending.add(fd)
-                    elif obj._fa_mask() != obj._fa_regmask:
-                        pending.add(fd)
+        # 3.11's read()/write()/_exception(): the same exception routing.
+        for name, todo in (("handle_read_event", reads),
+                           ("handle_write_event", writes),
+                           ("handle_expt_event", expts)):
+            for fd, obj in todo:
+                if map.get(fd) is obj:
+                    try:
+                        getattr(obj, name)()
+                    except REraised:
+                        raise
+                    except BaseException:
+                        obj.handle_error()
+                    if fd not in consulted:
+                        handled.append((fd, obj))
     else:
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is not None and map.get(fd) is obj:
                 _readwrite(obj, ev, map, fd)
                 if fd not in consulted:
-                    d = obj.__dict__
-                    if "writable" in d or "readable" in d:
-                        owner[fd] = None      # now overrides: re-classify
-                        pending.add(fd)
-                    elif obj._fa_mask() != obj._fa_regmask:
-                        pending.add(fd)
+                    handled.append((fd, obj))
+    # Managed channels that had an event: their handlers may have changed
+    # what readable()/writable() would answer (or assigned their own).
+    for fd, obj in handled:
+        d = obj.__dict__
+        if "writable" in d or "readable" in d:
+            owner[fd] = None      # now overrides one: re-classify
+            pending.add(fd)
+        elif obj._fa_mask() != obj._fa_regmask:
+            pending.add(fd)
