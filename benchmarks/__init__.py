@@ -4,7 +4,7 @@
     python benchmarks/run.py ...          (the same)
     python -m fastasyncore bench ...      (the same, from an installed package)
 
-The C load generator and reference servers are in benchmarks/csrc/ (compiled
-at run time with the system ``cc``); ``benchmarks/sync_csrc.py`` copies them
-into the package.
+The C load generator and reference servers are in
+src/fastasyncore/_bench/fabench.c (package data, compiled at run time with the
+system ``cc``).
 """

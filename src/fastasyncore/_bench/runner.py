@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 
-from . import _csrc
 
 DISTURBED_SHARE = 0.10     # other load above 10% of a pinned CPU flags a run
 
@@ -191,7 +190,10 @@ def build_c(workdir, progress):
         return None, "no C compiler (cc) found: C load generator and C rows unavailable"
     if not sys.platform.startswith("linux"):
         return None, "the C load generator needs Linux (epoll): C rows unavailable"
-    src = _csrc.SOURCES["fabench.c"]
+    # Package data (pyproject.toml), so an installed package can build it too.
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fabench.c"),
+              encoding="utf-8") as f:
+        src = f.read()
     digest = hashlib.sha256(src.encode()).hexdigest()[:16]
     exe = os.path.join(workdir, "fabench-%s" % digest)
     path = os.path.join(workdir, "fabench.c")
