@@ -137,10 +137,9 @@ else
 fi
 [[ -f "$SRC/pyproject.toml" && -f "$SRC/build.py" && -f "$SRC/setup.py" ]] \
     || die "$SRC does not look like the fastasyncore project"
-VERSION="$(cd "$SRC" && python3 -c 'import re; print(re.search(r"(?m)^version\s*=\s*\"([^\"]+)\"", open("pyproject.toml").read()).group(1))')"
-echo "fastasyncore $VERSION, arch $ARCH"
-
 PY311="$(pyenv_python 3.11)"
+VERSION="$(cd "$SRC" && "$PY311" -c 'import re; print(re.search(r"(?m)^version\s*=\s*\"([^\"]+)\"", open("pyproject.toml").read()).group(1))')"
+echo "fastasyncore $VERSION, arch $ARCH"
 
 # ---------------------------------------------------------------------------
 section "P1. Python 3.11 tool venv"
@@ -290,6 +289,20 @@ for d in tests examples benchmarks pyproject.toml; do
 done
 [[ ! -e "$TROOT/src" && ! -e "$TROOT/build.py" && ! -e "$TROOT/fastasyncore" ]] \
     || die "test directory $TROOT would import the source tree"
+# Loaded by every pytest run below (-p _fa_installed, found through the
+# current directory): fails the run unless fastasyncore, as the tests import
+# it, is the installed package in the venv's site-packages.
+cat >"$TROOT/_fa_installed.py" <<'PLUGIN'
+import os, sysconfig
+
+
+def pytest_configure(config):
+    import fastasyncore
+    site = os.path.realpath(sysconfig.get_paths()["purelib"])
+    where = os.path.realpath(os.path.dirname(fastasyncore.__file__))
+    if not where.startswith(site + os.sep):
+        raise RuntimeError("tests would run against %s, not the installed %s" % (where, site))
+PLUGIN
 
 # check_installed VENV_PY EXPECTED_BACKEND: run from $TROOT, fastasyncore must
 # come from the venv's site-packages.
@@ -310,9 +323,9 @@ EOF
 run_suite() {
     local py="$1" backend="$2" label="$3" log rc=0
     log="$LOGS/pytest-$label.log"
-    echo "+ (cd $TROOT && FASTASYNCORE_BACKEND=$backend FASTASYNCORE_REQUIRE_CORE=1 python -m pytest -p no:cacheprovider -q tests)"
+    echo "+ (cd $TROOT && FASTASYNCORE_BACKEND=$backend FASTASYNCORE_REQUIRE_CORE=1 python -m pytest -p no:cacheprovider -p _fa_installed -q tests)"
     (cd "$TROOT" && FASTASYNCORE_BACKEND="$backend" FASTASYNCORE_REQUIRE_CORE=1 \
-        "$py" -m pytest -p no:cacheprovider -q tests) >"$log" 2>&1 || rc=$?
+        "$py" -m pytest -p no:cacheprovider -p _fa_installed -q tests) >"$log" 2>&1 || rc=$?
     # Skips tallied by reason (the -ra lines), then the closing line.
     grep -E '^SKIPPED \[[0-9]+\]' "$log" \
         | sed -E 's/^SKIPPED \[([0-9]+)\] [^:]+:[0-9]+: /\1 /' \
