@@ -72,7 +72,16 @@ def warn(exc: BaseException) -> None:
     print(bar, file=sys.stderr)
 
 
+def drop_stale_core() -> None:
+    # An in-tree build/ may hold a core from an earlier successful build; it
+    # must not end up in a pure wheel.
+    import glob
+    for stale in glob.glob(os.path.join("build", "lib*", "fastasyncore", "_core*")):
+        os.remove(stale)
+
+
 if not WANT_CORE:
+    drop_stale_core()
     run_setup(False)
 elif REQUIRE:
     run_setup(True)
@@ -81,9 +90,5 @@ else:
         run_setup(True)
     except BuildFailed as exc:
         warn(exc)
-        # An in-tree build/ may hold a core from an earlier successful build;
-        # it must not end up in the pure wheel.
-        import glob
-        for stale in glob.glob(os.path.join("build", "lib*", "fastasyncore", "_core*")):
-            os.remove(stale)
+        drop_stale_core()
         run_setup(False)

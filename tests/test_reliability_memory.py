@@ -147,6 +147,14 @@ def test_m1_bytearray_resized_from_thread_while_sending(backend):
             drain(peer, got)
             if not c.producer_fifo:
                 break
+        # The mutator only grows half of the buffers: stop it, then let the
+        # queue drain (bounded) before judging what went out.
+        stop.set()
+        t.join(5)
+        deadline = time.monotonic() + 10
+        while c.producer_fifo and time.monotonic() < deadline:
+            asyncore.loop(timeout=0.01, map=m, count=1)
+            drain(peer, got)
     finally:
         stop.set()
         t.join(5)
@@ -164,7 +172,10 @@ def _sendq_machine(backend_name):
         def __init__(self):
             super().__init__()
             from fastasyncore import _backend
-            self.mod = _backend.load(backend_name)
+            try:
+                self.mod = _backend.load(backend_name)
+            except ImportError:
+                pytest.skip("the C core is not built")
             if self.mod.NAME != backend_name:
                 pytest.skip("the C core is not built")
             self.q = self.mod.SendQueue()
