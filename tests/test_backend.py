@@ -1002,3 +1002,40 @@ def test_poll_list_timeout_and_empty(be):
     finally:
         a.close()
         b.close()
+
+
+def test_sendqueue_large_bytes_then_more_keeps_order(be):
+    """A big immutable push (borrowed by the C backend) followed by small
+    ones: peek/consume/getvalue/send see one ordered stream."""
+    q = be.SendQueue()
+    big = bytes(range(256)) * 1024             # 256 KiB
+    q.push(big)
+    q.push(b"tail-1")
+    q.push(bytearray(b"tail-2"))
+    want = big + b"tail-1tail-2"
+    assert len(q) == len(want) and q.getvalue() == want
+    assert q.peek(10) == want[:10]
+    q.consume(len(big) - 3)
+    assert q.peek(9) == want[len(big) - 3:len(big) + 6]
+    assert q.getvalue() == want[len(big) - 3:]
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        sent = 0
+        while q:
+            r = q.send(a.fileno(), 5)
+            assert r > 0
+            sent += r
+        got = b.recv(100)
+        assert got == want[len(big) - 3:]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sendqueue_copies_mutable_buffers(be):
+    q = be.SendQueue()
+    ba = bytearray(b"x" * 100000)
+    q.push(memoryview(ba))
+    ba[:5] = b"YYYYY"
+    assert q.peek(5) == b"xxxxx"
