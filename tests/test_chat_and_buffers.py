@@ -235,3 +235,20 @@ def test_push_of_bytearray_later_mutated_is_sent_as_pushed(backend):
     finally:
         asyncore.close_all(map=m)
         peer.close()
+
+
+def test_many_records_with_a_switch_deep_in_the_buffer(impl):
+    """More records than one scan batch, and a terminator change at record
+    300 (inside the second batch): the same events as 3.11."""
+    def switch(chat, events):
+        if events.count("T") == 300:
+            chat.set_terminator(b";")
+
+    stream = b"".join(b"r%d\n" % i for i in range(300)) + b"a;b\nc;d"
+    c, ev = make_chat(impl.asynchat, [stream], b"\n", switch)
+    feed(c, 1)
+    expect = []
+    for i in range(300):
+        expect += [b"r%d" % i, "T"]
+    expect += [b"a", "T", b"b\nc", "T", b"d"]
+    assert ev == expect

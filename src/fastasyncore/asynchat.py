@@ -227,25 +227,8 @@ class async_chat(asyncore.dispatcher):
                     # This does the Right Thing if the terminator
                     # is changed here.
                     self.found_terminator()
-                    if fast:
-                        # More records with the same terminator object in
-                        # the same buffer: the steps above, without asking
-                        # get_terminator() again (it is not overridden).
-                        n = len(buf)
-                        while pos < n and self.terminator is terminator \
-                                and self._fa_in is buf and self._fa_pos == pos:
-                            index = buf.find(terminator, pos)
-                            if index == -1:
-                                break
-                            if index > pos:
-                                self.collect_incoming_data(buf[pos:index])
-                                if self._fa_in is not buf or self._fa_pos != pos:
-                                    self.ac_in_buffer = self.ac_in_buffer[
-                                        index - pos + terminator_len:]
-                                    self.found_terminator()
-                                    break
-                            self._fa_pos = pos = index + terminator_len
-                            self.found_terminator()
+                    if fast and len(buf) > pos:
+                        self._fa_records(buf, pos, terminator, terminator_len)
                 else:
                     # check for a prefix of the terminator
                     index = _prefix_at_end(buf, pos, terminator)
@@ -261,6 +244,34 @@ class async_chat(asyncore.dispatcher):
                         self.ac_in_buffer = b''
             buf = self._fa_in
             pos = self._fa_pos
+
+    def _fa_records(self, buf, pos, terminator, terminator_len):
+        # More records with the same terminator object in the same buffer:
+        # the steps of handle_read(), without asking get_terminator() again
+        # (it is not overridden).  The backend's scan() finds up to 256 of
+        # them in one call (one C call per batch in the cffi backend); a
+        # callback that changes the terminator or the buffer ends the batch
+        # and handle_read() continues exactly as 3.11 would.
+        scan = _backend.current.scan
+        while True:
+            indices = scan(buf, pos, terminator, 256)
+            if not indices:
+                return
+            for index in indices:
+                if self.terminator is not terminator or self._fa_in is not buf \
+                        or self._fa_pos != pos:
+                    return
+                if index > pos:
+                    self.collect_incoming_data(buf[pos:index])
+                    if self._fa_in is not buf or self._fa_pos != pos:
+                        self.ac_in_buffer = self.ac_in_buffer[
+                            index - pos + terminator_len:]
+                        self.found_terminator()
+                        return
+                self._fa_pos = pos = index + terminator_len
+                self.found_terminator()
+            if len(indices) < 256:
+                return
 
     def _fa_check_input(self, buf, pos, limit):
         # Bytes waiting for a bytes terminator: what is buffered now plus
