@@ -349,10 +349,12 @@ class MapState:
         # map order, and only look at the channels whose answer (truthiness)
         # changed since the last iteration.
         which, fds, objs = vec
+        # (Truthiness taken once per answer, as 3.11's `if is_w`; the
+        # conditional expression is cheaper than a second map(bool) pass.)
         if which == "w":
-            answers = list(map(bool, [o.writable() for o in objs]))
+            answers = [True if o.writable() else False for o in objs]
         else:
-            answers = list(map(bool, [o.readable() for o in objs]))
+            answers = [True if o.readable() else False for o in objs]
         prev = self.cprev
         key = (select_mode, answers)
         if prev is not None and prev[0] == select_mode:
