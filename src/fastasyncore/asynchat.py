@@ -17,6 +17,7 @@ from . import asyncore
 from ._loop import touch as _touch, POLLIN as _POLLIN, POLLPRI as _POLLPRI, \
      POLLOUT as _POLLOUT
 from . import _loop
+from ._loop import bound_is as _bound_is
 
 __all__ = ["async_chat", "simple_producer", "find_prefix_at_end"]
 
@@ -174,8 +175,7 @@ class async_chat(asyncore.dispatcher):
         limit = self.max_input_bytes
         if limit is not None and not self._fa_check_input(buf, pos, limit):
             return
-        fast = type(self).get_terminator is async_chat.get_terminator \
-            and 'get_terminator' not in self.__dict__
+        fast = _bound_is(self, 'get_terminator', async_chat.get_terminator)
         while len(buf) > pos:
             lb = len(buf) - pos
             terminator = self.get_terminator()
@@ -303,8 +303,7 @@ class async_chat(asyncore.dispatcher):
         sabs = self.ac_out_buffer_size
         fifo = self.producer_fifo
         if not fifo and len(data) <= sabs and self.connected \
-                and type(self).initiate_send is async_chat.initiate_send \
-                and 'initiate_send' not in self.__dict__:
+                and _bound_is(self, 'initiate_send', async_chat.initiate_send):
             # 3.11's append + initiate_send() on an empty queue, as one step:
             # one self.send(data), and only what it did not take is queued.
             if data:
@@ -371,8 +370,7 @@ class async_chat(asyncore.dispatcher):
         try:
             if len(self.producer_fifo) > 1:
                 fd = asyncore._fast_fd(self.socket)
-                if fd >= 0 and type(self).send is asyncore.dispatcher.send \
-                        and 'send' not in self.__dict__:
+                if fd >= 0 and _bound_is(self, 'send', asyncore.dispatcher.send):
                     self._initiate_sendv(fd)
                     return
             self._initiate_send()

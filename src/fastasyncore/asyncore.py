@@ -178,6 +178,7 @@ class dispatcher:
     addr = None
     ignore_log_types = frozenset({'warning'})
     _fa_regmask = -1        # the interest the loop registered for us (managed)
+    _fa_accept_pause = None  # accept() back-off (EMFILE): seconds of the next pause
 
     def __init__(self, sock=None, map=None):
         if map is None:
@@ -327,7 +328,7 @@ class dispatcher:
                 # logging handle_error spins: the pending connection keeps
                 # the listener readable).  Stop polling the listener for a
                 # moment instead and tell the user once per episode.
-                pause = self.__dict__.get('_fa_accept_pause')
+                pause = self._fa_accept_pause
                 if pause is None:
                     pause = _ACCEPT_BACKOFF_SECONDS
                     self.log_info('accept() failed (%s); pausing accepts '
@@ -339,8 +340,8 @@ class dispatcher:
                 return None
             raise
         else:
-            if '_fa_accept_pause' in self.__dict__:
-                del self._fa_accept_pause
+            if self._fa_accept_pause is not None:
+                self._fa_accept_pause = None
             return conn, addr
 
     def send(self, data):
@@ -577,8 +578,8 @@ class dispatcher_with_send(dispatcher):
         q = self._fa_out
         if q is None:
             q = self._fa_queue()
-        if not q and type(self).initiate_send is dispatcher_with_send.initiate_send \
-                and 'initiate_send' not in self.__dict__:
+        if not q and _loop.bound_is(self, 'initiate_send',
+                                    dispatcher_with_send.initiate_send):
             # 3.11 with an empty buffer: out_buffer = data, then one
             # dispatcher.send(self, out_buffer[:65536]).  Same call, without
             # copying the data into the queue first; only the rest is queued.
