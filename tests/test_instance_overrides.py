@@ -155,3 +155,36 @@ def test_instance_get_terminator_is_used(impl, use_poll):
     finally:
         asyncore.close_all(map=m)
         peer.close()
+
+
+@pytest.mark.parametrize("dict_read_is_free", [False, True], ids=["bound", "dict"])
+def test_own_predicate_detection_both_ways(backend, monkeypatch, dict_read_is_free):
+    """Both ways of spotting an instance-level readable/writable are exact,
+    whichever one this interpreter uses."""
+    from fastasyncore import asyncore, _loop
+    monkeypatch.setattr(_loop, "_DICT_READ_IS_FREE", dict_read_is_free)
+    socks = []
+
+    def chan():
+        a, b = _pair()
+        socks.extend((a, b))
+        return asyncore.dispatcher_with_send(a, map={})
+
+    plain, lam, other_bound, self_bound = chan(), chan(), chan(), chan()
+    lam.writable = lambda: False
+    other_bound.readable = plain.readable            # the same function, another self
+    self_bound.writable = self_bound.handle_write    # self, another function
+    try:
+        assert not _loop._own_predicates(plain)
+        assert _loop._classify(plain) == (True, False, False)
+        for obj in (lam, other_bound, self_bound):
+            assert _loop._own_predicates(obj), obj
+            assert _loop._classify(obj)[0] is False, obj
+        assert _loop._classify(lam) == (False, False, True)
+        assert _loop._classify(other_bound) == (False, True, False)
+        assert _loop.bound_is(plain, "send", asyncore.dispatcher_with_send.send)
+        assert not _loop.bound_is(plain, "send", asyncore.dispatcher.send)
+        assert not _loop.bound_is(lam, "writable", asyncore.dispatcher_with_send.writable)
+    finally:
+        for s in socks:
+            s.close()

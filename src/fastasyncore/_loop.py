@@ -99,8 +99,10 @@ def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
 # read turns the instance's inline attribute values into a real dict for
 # good, and every later ``self.x`` of the object takes a slower path (a
 # handler reading 10 attributes: 78 -> 211 ns here; 8,000 writable() calls:
-# 266 -> 365 us).  3.13 keeps the values inline after such a read.
-_DICT_READ_IS_FREE = sys.version_info >= (3, 13)
+# 266 -> 365 us).  3.13 keeps the values inline after such a read, and 3.10
+# and older always keep attributes in a dict: there the dict test is exact
+# and cheaper.
+_DICT_READ_IS_FREE = not (3, 11) <= sys.version_info[:2] <= (3, 12)
 
 
 def bound_is(obj: Any, name: str, func: Any) -> bool:
