@@ -157,34 +157,81 @@ def test_instance_get_terminator_is_used(impl, use_poll):
         peer.close()
 
 
-@pytest.mark.parametrize("dict_read_is_free", [False, True], ids=["bound", "dict"])
-def test_own_predicate_detection_both_ways(backend, monkeypatch, dict_read_is_free):
-    """Both ways of spotting an instance-level readable/writable are exact,
-    whichever one this interpreter uses."""
+def test_own_predicate_detection(backend):
+    """Assigned readable/writable are found however they were assigned."""
     from fastasyncore import asyncore, _loop
-    monkeypatch.setattr(_loop, "_DICT_READ_IS_FREE", dict_read_is_free)
     socks = []
 
-    def chan():
+    def chan(cls=asyncore.dispatcher_with_send):
         a, b = _pair()
         socks.extend((a, b))
-        return asyncore.dispatcher_with_send(a, map={})
+        return cls(a, map={})
+
+    class Alias(asyncore.dispatcher):
+        writable = asyncore.dispatcher.writable    # a plain function again
 
     plain, lam, other_bound, self_bound = chan(), chan(), chan(), chan()
     lam.writable = lambda: False
     other_bound.readable = plain.readable            # the same function, another self
     self_bound.writable = self_bound.handle_write    # self, another function
     try:
-        assert not _loop._own_predicates(plain)
         assert _loop._classify(plain) == (True, False, False)
-        for obj in (lam, other_bound, self_bound):
-            assert _loop._own_predicates(obj), obj
-            assert _loop._classify(obj)[0] is False, obj
         assert _loop._classify(lam) == (False, False, True)
         assert _loop._classify(other_bound) == (False, True, False)
+        assert _loop._classify(self_bound) == (False, False, True)
+        # Not managed: an instance assignment could not reach the loop.
+        assert _loop._classify(chan(Alias))[0] is False
+        del lam.writable
+        assert _loop._classify(lam) == (True, False, False)
         assert _loop.bound_is(plain, "send", asyncore.dispatcher_with_send.send)
         assert not _loop.bound_is(plain, "send", asyncore.dispatcher.send)
-        assert not _loop.bound_is(lam, "writable", asyncore.dispatcher_with_send.writable)
     finally:
         for s in socks:
             s.close()
+
+
+def test_predicate_assigned_from_outside_on_idle_channel(impl, use_poll):
+    """No event needed: the next iteration asks the assigned predicate, and
+    after del the class's own answer is back (3.11 asks it every time)."""
+    asyncore = impl.asyncore
+    m = {}
+    s, peer = _pair()
+    d = asyncore.dispatcher_with_send(s, map=m)
+    d.handle_write = lambda: writes.append(1)
+    writes, asked = [], []
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+        d.writable = lambda: asked.append(1) or True        # idle: no event
+        asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=2)
+        assert len(asked) == 2 and len(writes) == 2
+        del d.writable
+        assert d.writable() == 0                  # connected, nothing queued
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+        assert len(asked) == 2 and len(writes) == 2
+        with pytest.raises(AttributeError):
+            del d.writable
+    finally:
+        asyncore.close_all(map=m)
+        peer.close()
+
+
+def test_mock_patch_object_on_predicate(impl, use_poll):
+    from unittest import mock
+    asyncore = impl.asyncore
+    m = {}
+    s, peer = _pair()
+    d = asyncore.dispatcher(s, map=m)
+    d.connected = True
+    d.handle_read = lambda: None
+    try:
+        with mock.patch.object(d, "readable", return_value=False) as r:
+            asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
+            assert r.call_count == 3
+        assert d.readable() is True
+        assert type(asyncore.dispatcher.__dict__["readable"]).__name__ in (
+            "function", "_managed_predicate")
+        assert asyncore.dispatcher.readable(d) is True
+        assert asyncore.dispatcher.writable.__name__ == "writable"
+    finally:
+        asyncore.close_all(map=m)
+        peer.close()

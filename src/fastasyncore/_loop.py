@@ -28,7 +28,6 @@ import math
 from itertools import compress as _compress
 from operator import ne as _ne
 import os
-import sys
 import threading
 import time
 from types import MethodType as _MethodType
@@ -40,7 +39,7 @@ __all__ = [
     "ExitNow", "REraised", "DISCONNECTED", "POLLIN", "POLLPRI", "POLLOUT",
     "MapState", "poll_once", "touch", "note_added", "note_removed",
     "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
-    "bound_is",
+    "bound_is", "reclassify", "INHERITED",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -60,16 +59,34 @@ DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN,
 # Which channels are managed.
 #
 # A class is managed when its (readable, writable, _fa_mask) triple is one we
-# registered: then _fa_mask() computes, from plain attributes, exactly what
-# readable()/writable() would answer.  Cached per class.
+# registered and both predicates are still the API module's data descriptors
+# (so that an assignment on an instance reaches reclassify()): then
+# _fa_mask() computes, from plain attributes, exactly what readable()/
+# writable() would answer.  Cached per class.
 _MANAGED_TRIPLES: Set[Tuple[Any, Any, Any]] = set()
 _class_cache: Dict[type, Tuple[bool, bool, bool]] = {}
+
+#: Class default of the slots where the predicate descriptors keep an
+#: instance's own readable/writable: "none assigned".
+INHERITED: Any = type("_Inherited", (), {"__repr__": lambda self: "<inherited>"})()
 
 
 def register_managed(cls: type) -> None:
     """Declare that ``cls``'s readable/writable are mirrored by its _fa_mask."""
     _MANAGED_TRIPLES.add((cls.readable, cls.writable, cls._fa_mask))
     _class_cache.clear()
+
+
+def _static_attr(cls: type, name: str) -> Any:
+    """The class attribute as stored (no descriptor call), or None."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+def _is_watched(cls: type, name: str) -> bool:
+    return hasattr(type(_static_attr(cls, name)), "__set__")
 
 
 def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
@@ -81,7 +98,8 @@ def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
     r = getattr(cls, "readable", None)
     w = getattr(cls, "writable", None)
     m = getattr(cls, "_fa_mask", None)
-    if (r, w, m) in _MANAGED_TRIPLES:
+    if (r, w, m) in _MANAGED_TRIPLES and _is_watched(cls, "readable") \
+            and _is_watched(cls, "writable"):
         res = (True, False, False)
     else:
         # A consulted class: call only the predicates the user defined.  Ours
@@ -94,48 +112,37 @@ def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
     return res
 
 
-# Instance-level overrides (``obj.writable = f``) are found through the bound
-# method, never by reading ``obj.__dict__``: on CPython 3.11 and 3.12 that
-# read turns the instance's inline attribute values into a real dict for
-# good, and every later ``self.x`` of the object takes a slower path (a
-# handler reading 10 attributes: 78 -> 211 ns here; 8,000 writable() calls:
-# 266 -> 365 us).  3.13 keeps the values inline after such a read, and 3.10
-# and older always keep attributes in a dict: there the dict test is exact
-# and cheaper.
-_DICT_READ_IS_FREE = not (3, 11) <= sys.version_info[:2] <= (3, 12)
-
-
 def bound_is(obj: Any, name: str, func: Any) -> bool:
     """True when ``obj.<name>`` is ``func`` bound to obj: neither the class nor
-    the instance overrides it, so calling it is calling ``func(obj)``."""
+    the instance overrides it, so calling it is calling ``func(obj)``.
+
+    Never ``name in obj.__dict__``: on CPython 3.11 and 3.12 reading
+    ``obj.__dict__`` turns the instance's inline attribute values into a real
+    dict for good, and every later ``self.x`` of the object takes a slower
+    path (a handler reading 10 attributes: 78 -> 211 ns here; 8,000
+    writable() calls: 266 -> 365 us).
+    """
     m = getattr(obj, name, None)
     return type(m) is _MethodType and m.__func__ is func and m.__self__ is obj
 
 
 def _instance_overrides(obj: Any, name: str) -> bool:
-    """Does obj carry its own ``name`` (in its instance dict)?  A false
-    positive only makes the loop ask the predicate, as 3.11 does."""
-    if _DICT_READ_IS_FREE:
-        d = getattr(obj, "__dict__", None)
-        return d is not None and name in d
+    """Has obj its own ``name`` (assigned on the instance)?  A false positive
+    only makes the loop ask the predicate, as 3.11 does."""
     return not bound_is(obj, name, getattr(type(obj), name, None))
 
 
-def _own_predicates(obj: Any) -> bool:
-    """Has obj got its own readable() or writable() (an instance attribute)?
-    Once per event of a managed channel, so the cheapest exact test per
-    version."""
-    if _DICT_READ_IS_FREE:
-        d = obj.__dict__
-        return "readable" in d or "writable" in d
-    cls = type(obj)
-    r = obj.readable
-    w = obj.writable
+def reclassify(obj: Any) -> None:
+    """obj got or lost its own readable()/writable(): from now on the loop
+    asks it (or stops asking it).  Called by the predicate descriptors."""
     try:
-        return (r.__func__ is not cls.readable or w.__func__ is not cls.writable
-                or r.__self__ is not obj or w.__self__ is not obj)
-    except AttributeError:      # a plain function or another callable
-        return True
+        st = _states.get(id(obj._map))
+        fd = obj._fileno
+    except AttributeError:
+        return          # not in a map yet: add_channel() classifies it
+    if st is not None and fd is not None and st.owner.get(fd) is obj:
+        st._adopt(fd, obj)
+        st.pending.add(fd)      # re-checked before the next wait
 
 
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
@@ -701,10 +708,8 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                 if fd not in consulted:
                     handled.append((fd, obj))
     # Managed channels that had an event: their handlers may have changed
-    # what readable()/writable() would answer (or assigned their own).
+    # what readable()/writable() would answer.  (An assigned predicate of
+    # their own reaches reclassify() through the descriptor.)
     for fd, obj in handled:
-        if _own_predicates(obj):
-            owner[fd] = None      # now overrides one: re-classify
-            pending.add(fd)
-        elif obj._fa_mask() != obj._fa_regmask:
+        if obj._fa_mask() != obj._fa_regmask:
             pending.add(fd)

@@ -344,6 +344,7 @@ class async_chat(asyncore.dispatcher):
         self.producer_fifo.append(producer)
         self.initiate_send()
 
+    @asyncore._managed_predicate
     def readable(self):
         "predicate for inclusion in the readable for select()"
         # cannot use the old predicate, it violates the claim of the
@@ -352,6 +353,7 @@ class async_chat(asyncore.dispatcher):
         # return (len(self.ac_in_buffer) <= self.ac_in_buffer_size)
         return 1
 
+    @asyncore._managed_predicate
     def writable(self):
         "predicate for inclusion in the writable for select()"
         return self.producer_fifo or (not self.connected)

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import warnings
+from types import MethodType as _MethodType
 
 import os
 from errno import EALREADY, EINPROGRESS, EWOULDBLOCK, ECONNRESET, EINVAL, \
@@ -168,6 +169,47 @@ def _fast_fd(sock):
     return -1
 
 
+class _managed_predicate:
+    """``readable``/``writable`` of our managed classes (see _loop.py).
+
+    A data descriptor, so that a hook assigned on an instance
+    (``chan.writable = f``, ``mock.patch.object``) reaches the loop at once,
+    from anywhere: from then on the channel is asked every iteration, as 3.11
+    asks it, and ``del chan.writable`` hands it back.  Reading gives what a
+    plain method gives: the function on the class, the override or a bound
+    method on an instance.  The loop needs no per-event check for it.
+    """
+
+    def __init__(self, func):
+        self.__func__ = func
+        self.__wrapped__ = func
+        self.__name__ = func.__name__
+        self.__qualname__ = func.__qualname__
+        self.__doc__ = func.__doc__
+        self._slot = '_fa_own_' + func.__name__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self.__func__
+        own = getattr(obj, self._slot)
+        if own is _INHERITED:
+            return _MethodType(self.__func__, obj)
+        return own
+
+    def __set__(self, obj, value):
+        setattr(obj, self._slot, value)
+        _loop.reclassify(obj)
+
+    def __delete__(self, obj):
+        if getattr(obj, self._slot) is _INHERITED:
+            raise AttributeError(self.__name__)
+        delattr(obj, self._slot)
+        _loop.reclassify(obj)
+
+
+_INHERITED = _loop.INHERITED
+
+
 class dispatcher:
 
     debug = False
@@ -179,6 +221,7 @@ class dispatcher:
     ignore_log_types = frozenset({'warning'})
     _fa_regmask = -1        # the interest the loop registered for us (managed)
     _fa_accept_pause = None  # accept() back-off (EMFILE): seconds of the next pause
+    _fa_own_readable = _fa_own_writable = _INHERITED  # see _managed_predicate
 
     def __init__(self, sock=None, map=None):
         if map is None:
@@ -270,9 +313,11 @@ class dispatcher:
     # to pass to select().
     # ==================================================
 
+    @_managed_predicate
     def readable(self):
         return True
 
+    @_managed_predicate
     def writable(self):
         return True
 
@@ -564,6 +609,7 @@ class dispatcher_with_send(dispatcher):
     def handle_write(self):
         self.initiate_send()
 
+    @_managed_predicate
     def writable(self):
         return (not self.connected) or len(self._fa_queue())
 
