@@ -868,7 +868,7 @@ if given is not None:
                 else:
                     q.clear()
                     model.clear()
-                assert len(q) == len(model)
+                assert len(q) == len(model) == q.nbytes
                 assert bool(q) == bool(model)
             assert q.getvalue() == bytes(model)
             a.close()

@@ -269,7 +269,7 @@ def _sendq_machine(backend_name):
 
         @invariant()
         def lengths(self):
-            assert len(self.q) == len(self.model)
+            assert len(self.q) == len(self.model) == self.q.nbytes
             assert bool(self.q) == bool(self.model)
 
         @invariant()

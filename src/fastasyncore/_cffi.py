@@ -398,7 +398,7 @@ class SendQueue:
     would be a use-after-free (the pure twin is serialised by the GIL).
     """
 
-    __slots__ = ("_q", "_len", "_lock", "_ext", "_extp", "_extoff", "_extlen")
+    __slots__ = ("_q", "nbytes", "_lock", "_ext", "_extp", "_extoff", "_extlen")
 
     _BORROW_MIN = 65536
 
@@ -407,7 +407,7 @@ class SendQueue:
         if q == ffi.NULL:
             raise MemoryError("fa_sendq_new")
         self._q = ffi.gc(q, lib.fa_sendq_free)
-        self._len = 0
+        self.nbytes = 0
         self._lock = _threading.Lock()
         self._ext = None      # the borrowed object (kept alive while pending)
         self._extp = None     # its cffi pointer
@@ -428,23 +428,23 @@ class SendQueue:
             buf = ffi.from_buffer(data)
             n = len(buf)
         with self._lock:
-            if borrow and self._len == 0:
+            if borrow and self.nbytes == 0:
                 self._ext = data
                 self._extp = buf if buf is not data else ffi.from_buffer(data)
                 self._extoff = 0
                 self._extlen = n
-                self._len = n
+                self.nbytes = n
                 return
             rc = lib.fa_sendq_push(self._q, buf, n)
             if rc < 0:
                 raise MemoryError("SendQueue.push(%d bytes)" % n)
-            self._len += n
+            self.nbytes += n
 
     def __len__(self) -> int:
-        return self._len
+        return self.nbytes
 
     def __bool__(self) -> bool:
-        return self._len > 0
+        return self.nbytes > 0
 
     def _ext_left(self) -> int:
         return self._extlen - self._extoff if self._ext is not None else 0
@@ -458,8 +458,8 @@ class SendQueue:
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._lock:
-            if n > self._len:
-                n = self._len
+            if n > self.nbytes:
+                n = self.nbytes
             if n == 0:
                 return b""
             ext = self._ext_left()
@@ -476,32 +476,32 @@ class SendQueue:
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._lock:
-            if n > self._len:
-                n = self._len
+            if n > self.nbytes:
+                n = self.nbytes
             ext = self._ext_left()
             if ext:
                 k = min(n, ext)
                 self._extoff += k
-                self._len -= k
+                self.nbytes -= k
                 n -= k
                 self._drop_ext_if_done()
             if n:
-                self._len -= lib.fa_sendq_consume(self._q, n)
+                self.nbytes -= lib.fa_sendq_consume(self._q, n)
 
     def clear(self) -> None:
         with self._lock:
             lib.fa_sendq_clear(self._q)
             self._ext = self._extp = None
             self._extoff = self._extlen = 0
-            self._len = 0
+            self.nbytes = 0
 
     def getvalue(self) -> bytes:
         with self._lock:
-            if not self._len:
+            if not self.nbytes:
                 return b""
             ext = self._ext_left()
             head = ffi.unpack(self._extp + self._extoff, ext) if ext else b""
-            rest = self._len - ext
+            rest = self.nbytes - ext
             if not rest:
                 return head
             return head + ffi.unpack(lib.fa_sendq_data(self._q), rest)
@@ -523,16 +523,16 @@ class SendQueue:
                 r = lib.fa_send(fd, self._extp + self._extoff, min(ext, max_bytes))
                 if r > 0:
                     self._extoff += r
-                    self._len -= r
+                    self.nbytes -= r
                     self._drop_ext_if_done()
                 return r
             r = lib.fa_sendq_send(self._q, fd, max_bytes)
             if r > 0:
-                self._len -= r
+                self.nbytes -= r
         return r
 
     def __repr__(self) -> str:
-        return "<fastasyncore._cffi.SendQueue %d bytes>" % self._len
+        return "<fastasyncore._cffi.SendQueue %d bytes>" % self.nbytes
 
 
 def _as_cbuf(data):

@@ -663,7 +663,9 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     owner = st.owner
     pending = st.pending
     consulted = st.consulted
-    handled: List[Tuple[Any, Any]] = []
+    # After each handler of a managed channel: did it change what
+    # readable()/writable() would answer?  (A predicate assigned on the
+    # instance reaches reclassify() through the descriptor instead.)
     if select_mode:
         # 3.11 order: every read, then every write, then every exception.
         reads: List[Tuple[Any, Any]] = []
@@ -673,6 +675,11 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is None:
+                continue
+            if ev == POLLIN:
+                # The common case.  The kernel reports POLLIN only for fds
+                # registered for it, so the mask test below is moot here.
+                reads.append((fd, obj))
                 continue
             m = mask.get(fd, 0)
             if ev & POLLNVAL:
@@ -698,18 +705,12 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
                         raise
                     except BaseException:
                         obj.handle_error()
-                    if fd not in consulted:
-                        handled.append((fd, obj))
+                    if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
+                        pending.add(fd)
     else:
         for fd, ev in events:
             obj = owner.get(fd)
             if obj is not None and map.get(fd) is obj:
                 _readwrite(obj, ev, map, fd)
-                if fd not in consulted:
-                    handled.append((fd, obj))
-    # Managed channels that had an event: their handlers may have changed
-    # what readable()/writable() would answer.  (An assigned predicate of
-    # their own reaches reclassify() through the descriptor.)
-    for fd, obj in handled:
-        if obj._fa_mask() != obj._fa_regmask:
-            pending.add(fd)
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
+                    pending.add(fd)

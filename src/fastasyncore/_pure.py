@@ -534,24 +534,26 @@ class SendQueue:
     from another thread must wait rather than fail with BufferError.
     """
 
-    __slots__ = ("_buf", "_head", "_lock")
+    __slots__ = ("_buf", "_head", "_lock", "nbytes")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._head = 0
         self._lock = _threading.Lock()
+        self.nbytes = 0         # pending bytes (read-only for callers)
 
     def push(self, data) -> None:
         if isinstance(data, str):
             raise TypeError("data must be a bytes-like object, not str")
         with memoryview(data) as mv, self._lock:
             self._buf += mv.cast("B")  # copies
+            self.nbytes = len(self._buf) - self._head
 
     def __len__(self) -> int:
-        return len(self._buf) - self._head
+        return self.nbytes
 
     def __bool__(self) -> bool:
-        return len(self._buf) > self._head
+        return self.nbytes > 0
 
     def peek(self, n: int) -> bytes:
         if n < 0:
@@ -577,11 +579,13 @@ class SendQueue:
             del buf[:h]  # amortised: the moved bytes are at most the consumed ones
             h = 0
         self._head = h
+        self.nbytes = len(buf) - h
 
     def clear(self) -> None:
         with self._lock:
             self._buf = bytearray()
             self._head = 0
+            self.nbytes = 0
 
     def getvalue(self) -> bytes:
         with self._lock, memoryview(self._buf) as mv:

@@ -24,7 +24,8 @@ from errno import EALREADY, EINPROGRESS, EWOULDBLOCK, ECONNRESET, EINVAL, \
 
 from . import _backend
 from . import _loop
-from ._loop import ExitNow, touch as _touch, POLLIN as _POLLIN, \
+from ._loop import ExitNow, bound_is as _bound_is, touch as _touch, \
+     POLLIN as _POLLIN, \
      POLLPRI as _POLLPRI, POLLOUT as _POLLOUT
 
 __all__ = [
@@ -614,7 +615,10 @@ class dispatcher_with_send(dispatcher):
         return (not self.connected) or len(self._fa_queue())
 
     def _fa_mask(self):
-        if self.accepting or (self.connected and not self._fa_out):
+        if self.accepting:
+            return _READ
+        q = self._fa_out
+        if self.connected and (q is None or not q.nbytes):
             return _READ
         return _READ | _POLLOUT
 
@@ -624,8 +628,8 @@ class dispatcher_with_send(dispatcher):
         q = self._fa_out
         if q is None:
             q = self._fa_queue()
-        if not q and _loop.bound_is(self, 'initiate_send',
-                                    dispatcher_with_send.initiate_send):
+        if not q.nbytes and _bound_is(self, 'initiate_send',
+                                      dispatcher_with_send.initiate_send):
             # 3.11 with an empty buffer: out_buffer = data, then one
             # dispatcher.send(self, out_buffer[:65536]).  Same call, without
             # copying the data into the queue first; only the rest is queued.
