@@ -63,9 +63,6 @@ int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
 /* Apply (fd, events) changes now, without waiting; 0 or -errno (as above). */
 int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
                     size_t *napplied);
-/* One stateless poll(2) over n (fd, events) pairs; ready pairs or -errno. */
-int fa_poll_list(const int *pairs, size_t n, int timeout_ms, int *out,
-                 size_t maxout);
 
 /* ---- plain fd I/O ------------------------------------------------------ */
 /* One send(2)/recv(2)/sendmsg(2); bytes transferred or -errno. */

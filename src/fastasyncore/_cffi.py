@@ -337,49 +337,11 @@ def sendv(fd: int, chunks: Sequence, max_bytes: int) -> int:
 
 # ---- stateless poll ----------------------------------------------------------
 
-def _out_buf(n: int):
-    try:
-        buf = _tls.out
-        if len(buf) >= 2 * n:
-            return buf
-    except AttributeError:
-        pass
-    size = 256
-    while size < n:
-        size *= 2
-    buf = _tls.out = _new_noclear("int[]", 2 * size)
-    return buf
-
-
-def poll_list(interest: Dict[int, int], timeout_ms: int) -> List[Tuple[int, int]]:
-    """One poll(2) over the (fd, events) items of ``interest``; ready pairs.
-
-    Stateless: nothing is registered anywhere.  Keys must be valid fds (the
-    loop checks them when they enter its map).  EINTR: as Poller.wait.
-    """
-    n = len(interest)
-    # array(list(...)) converts twice as fast as array(iterator).
-    arr = _array("i", list(_chain.from_iterable(interest.items())))
-    pairs = _from_buffer("int[]", arr)
-    out = _out_buf(n)
-    tmo = -1 if timeout_ms < 0 else min(timeout_ms, _INT_MAX)
-    deadline = _monotonic() + tmo / 1000.0 if tmo > 0 else 0.0
-    while True:
-        r = lib.fa_poll_list(pairs, n, tmo, out, n)
-        if r >= 0:
-            break
-        if r != -_EINTR:
-            raise _oserror(r)
-        # EINTR: signal handlers run here (one that raises propagates).
-        if tmo > 0:
-            left = deadline - _monotonic()
-            if left <= 0:
-                return []
-            tmo = int(_math.ceil(left * 1000.0))
-    if r:
-        it = iter(_unpack(out, r + r))
-        return list(zip(it, it))
-    return []
+# The pure backend's poll_list (the stdlib's select.poll), on purpose: it fills
+# its pollfd array from the dict in C, which no cffi route beats: the dict must
+# first become an int array in Python (measured per call: 1.7 vs 2.9 us for 10
+# fds, 12.5 vs 15.0 us for 100, 687 vs 686 us for 3,000).
+from ._pure import poll_list  # noqa: E402
 
 
 # ---- buffers ------------------------------------------------------------------

@@ -423,19 +423,31 @@ class MapState:
         batch = self.batch
         owner = self.owner
         extra = POLLPRI if select_mode else 0
+        if which == "w":
+            # The docs pattern: answers flip on every request, so this loop
+            # is hot.  m is never 0 here (readable() is ours: always True).
+            on = _READ | extra | POLLOUT
+            on_accepting = _READ | extra
+            for i in todo:
+                fd = fds[i]
+                if answers[i]:
+                    m = on_accepting if objs[i].accepting else on
+                else:
+                    m = _READ
+                cur = mask.get(fd, 0)
+                if cur != m:
+                    if cur:
+                        mask[fd] = m
+                        batch[fd] = m
+                    elif owner.get(fd) is objs[i]:   # not closed by an earlier answer
+                        self._set_mask(fd, m)
+            return
         for i in todo:
             fd = fds[i]
             obj = objs[i]
-            if which == "w":
-                m = _READ
-                if answers[i]:
-                    m |= extra
-                    if not obj.accepting:
-                        m |= POLLOUT
-            else:
-                m = (_READ if answers[i] else 0) | extra
-                if not obj.accepting:
-                    m |= POLLOUT
+            m = (_READ if answers[i] else 0) | extra
+            if not obj.accepting:
+                m |= POLLOUT
             cur = mask.get(fd, 0)
             if cur != m:
                 if cur and m:
