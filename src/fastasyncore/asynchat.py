@@ -158,8 +158,9 @@ class async_chat(asyncore.dispatcher):
         buf = self._fa_in
         if pos:
             buf = buf[pos:]
-        self._fa_in = buf + data if buf else b'' + data
-        self._fa_pos = 0
+        buf = buf + data if buf else b'' + data
+        self._fa_in = buf
+        self._fa_pos = pos = 0
 
         # Continue to search for self.terminator in self.ac_in_buffer,
         # while calling self.collect_incoming_data.  The while loop
@@ -170,12 +171,10 @@ class async_chat(asyncore.dispatcher):
         # Before each callback the offset is stored (so ac_in_buffer reads
         # right inside it); after it, buf/pos are reloaded (the callback may
         # have assigned ac_in_buffer or called discard_buffers()).
-        buf = self._fa_in
-        pos = self._fa_pos
         limit = self.max_input_bytes
         if limit is not None and not self._fa_check_input(buf, pos, limit):
             return
-        fast = _bound_is(self, 'get_terminator', async_chat.get_terminator)
+        fast = None     # get_terminator() not overridden?  Asked when needed.
         while len(buf) > pos:
             lb = len(buf) - pos
             terminator = self.get_terminator()
@@ -227,8 +226,12 @@ class async_chat(asyncore.dispatcher):
                     # This does the Right Thing if the terminator
                     # is changed here.
                     self.found_terminator()
-                    if fast and len(buf) > pos:
-                        self._fa_records(buf, pos, terminator, terminator_len)
+                    if len(buf) > pos:
+                        if fast is None:
+                            fast = _bound_is(self, 'get_terminator',
+                                             async_chat.get_terminator)
+                        if fast:
+                            self._fa_records(buf, pos, terminator, terminator_len)
                 else:
                     # check for a prefix of the terminator
                     index = _prefix_at_end(buf, pos, terminator)
