@@ -33,9 +33,11 @@ def test_churning_docs_pattern_map_uses_stateless_poll(backend):
     for a, _ in socks:
         Toggle(a, map=m)
     try:
-        asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_EVERY * 2)
+        asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_FIRST)
         st = _loop._states[id(m)]
-        assert st.poller is None            # switched to the stateless poll
+        assert st.poller is None            # switched to the stateless poll, early
+        asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_EVERY * 2)
+        assert st.poller is None            # and stays there
         # ...and it still dispatches: a byte from a peer is read.
         got = []
         d = m[socks[0][0].fileno()]

@@ -156,6 +156,9 @@ def _classify(obj: Any) -> Tuple[bool, bool, bool]:
 
 # ---------------------------------------------------------------------------
 _ADAPT_EVERY = 64          # iterations between two adapt() decisions
+_ADAPT_FIRST = 8           # ... and before the first one: short-lived client
+                           # loops (a few dozen iterations) must not spend
+                           # them all in the wrong mode
 #: Tests set this to "persistent" or "rebuild" to pin the wait strategy.
 _force_mode: Optional[str] = None
 _REBUILD_MAX_FDS = 4096    # above this a stateless poll(2) never pays
@@ -207,7 +210,7 @@ class MapState:
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg",
-                 "csnap", "cvec", "cprev", "__weakref__")
+                 "csnap", "cvec", "cprev", "adapt_at", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -230,6 +233,7 @@ class MapState:
         # between the persistent poller and a stateless poll (see adapt()).
         self.iters = 0
         self.nchg = 0
+        self.adapt_at = _ADAPT_FIRST
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
@@ -275,6 +279,7 @@ class MapState:
         n = len(self.mask)
         self.iters = 0
         self.nchg = 0
+        self.adapt_at = _ADAPT_EVERY
         if _force_mode is not None:
             per_iter = n if _force_mode == "rebuild" else 0.0
         if self.poller is not None:
@@ -664,7 +669,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
         return
     st.iters += 1
-    if st.iters >= _ADAPT_EVERY or _force_mode is not None:
+    if st.iters >= st.adapt_at or _force_mode is not None:
         st.adapt()
     if st.poller is None:
         events = _backend.current.poll_list(st.mask, ms)
