@@ -550,6 +550,9 @@ def test_f8_raising_repr_in_default_handle_error(impl, use_poll, capsys):
 SIGINT_CHILD = r"""
 import os, signal, socket, threading, time
 from fastasyncore import asyncore
+# Python's own handler even when started with SIGINT ignored (a background
+# job of a non-interactive shell, e.g. a CI runner's `cmd &`).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 m = {}
 a, b = socket.socketpair()
 d = asyncore.dispatcher(a, map=m)
