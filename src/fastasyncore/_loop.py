@@ -133,16 +133,18 @@ def _instance_overrides(obj: Any, name: str) -> bool:
 
 
 def reclassify(obj: Any) -> None:
-    """obj got or lost its own readable()/writable(): from now on the loop
-    asks it (or stops asking it).  Called by the predicate descriptors."""
+    """obj got or lost its own readable()/writable(): from the next iteration
+    on the loop asks it (or stops asking it), as 3.11 asks its predicates at
+    the start of each iteration.  Called by the predicate descriptors, maybe
+    from another thread: only the loop's own thread changes its state."""
     try:
         st = _states.get(id(obj._map))
         fd = obj._fileno
     except AttributeError:
         return          # not in a map yet: add_channel() classifies it
-    if st is not None and fd is not None and st.owner.get(fd) is obj:
-        st._adopt(fd, obj)
-        st.pending.add(fd)      # re-checked before the next wait
+    if st is not None and fd is not None:
+        st.reclass.add(fd)
+        st.pending.add(fd)
 
 
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
@@ -210,7 +212,7 @@ class MapState:
 
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg",
-                 "csnap", "cvec", "cprev", "adapt_at", "__weakref__")
+                 "csnap", "cvec", "cprev", "adapt_at", "reclass", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -220,6 +222,7 @@ class MapState:
         # fd -> (fd, obj, call_readable, call_writable): channels asked each turn
         self.consulted: Dict[Any, Tuple[Any, Any, bool, bool]] = {}
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
+        self.reclass: Set[Any] = set()        # ... and classify again (reclassify())
         self.csnap: Optional[Tuple[Any, ...]] = None  # consulted, as a tuple
         self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]] = None
         self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last answers
@@ -294,6 +297,7 @@ class MapState:
 
     def _drop(self, fd: Any) -> None:
         self.owner.pop(fd, None)
+        self.reclass.discard(fd)
         self.suspended.pop(fd, None)
         if self.consulted.pop(fd, None) is not None:
             self.csnap = None
@@ -334,13 +338,15 @@ class MapState:
             old = self.consulted
             self.consulted = {}
             self.csnap = None
+            reclass = self.reclass
             for fd, obj in list(m.items()):
-                if self.owner.get(fd) is obj and fd not in old:
+                if self.owner.get(fd) is obj and fd not in old and fd not in reclass:
                     mm = self._managed_mask(fd, obj)
                     self._set_mask(fd, mm)
                     obj._fa_regmask = mm
                 else:
                     self._adopt(fd, obj)
+            reclass.clear()
             return
         pending = self.pending
         owner = self.owner
@@ -354,6 +360,9 @@ class MapState:
                 self._drop(fd)
             elif owner.get(fd) is not obj:
                 self._drop(fd)
+                self._adopt(fd, obj)
+            elif self.reclass and fd in self.reclass:
+                self.reclass.discard(fd)
                 self._adopt(fd, obj)
             elif fd in consulted:
                 self.cprev = None    # e.g. listen(): re-read accepting
