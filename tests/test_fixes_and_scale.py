@@ -303,3 +303,49 @@ def test_vectorized_consult_sees_changed_answers(backend, use_poll):
         asyncore.close_all(map=m)
         for p in peers:
             p.close()
+
+
+def test_consult_switches_between_vectorized_and_plain_loop(backend, use_poll):
+    """Many flipping answers use the plain loop, stable ones the vectorized
+    pass; either way every answer is honoured in the next wait."""
+    from fastasyncore import asyncore, _loop
+    m, peers, writes = {}, [], []
+
+    class Docs(asyncore.dispatcher):
+        mode = "off"
+
+        def writable(self):
+            if self.mode == "flip":
+                self.flip = not getattr(self, "flip", False)
+                return self.flip
+            return self.mode == "on"
+
+        def handle_write(self):
+            writes.append(self._fileno)
+
+    chans = []
+    for _ in range(20):
+        s, peer = pair()
+        peers.append(peer)
+        chans.append(Docs(s, map=m))
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
+        st = _loop._states[id(m)]
+        assert st.cvec is not None and st.cvec_on and writes == []
+        for c in chans:
+            c.mode = "flip"
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=4)
+        assert not st.cvec_on                  # most answers flip: plain loop
+        assert len(writes) == 2 * len(chans)   # every other iteration, each
+        for c in chans:
+            c.mode = "off"
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
+        assert st.cvec_on                      # stable again: vectorized
+        del writes[:]
+        chans[7].mode = "on"
+        asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=2)
+        assert writes == [chans[7]._fileno] * 2
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()

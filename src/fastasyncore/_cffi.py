@@ -220,6 +220,11 @@ class Poller:
                       self._napplied)
             if n < 0:
                 n = self._wait_error(n, pending, nchg, tmo, deadline)
+            if n == 1:
+                # The common case of a latency-bound loop: two cdata reads
+                # cost a quarter of unpack + zip (0.08 vs 0.34 us).
+                out = self._out
+                return [(out[0], out[1])]
             if n:
                 it = iter(_unpack(self._out, n + n))
                 return list(zip(it, it))
