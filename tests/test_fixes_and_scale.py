@@ -270,6 +270,16 @@ def test_predicate_assigned_on_instance_later_is_honoured(impl, use_poll):
         peer.close()
 
 
+def _channels(cls, n, m, peers):
+    """n cls(sock, map=m) over socketpairs; their peers go to peers."""
+    chans = []
+    for _ in range(n):
+        s, peer = pair()
+        peers.append(peer)
+        chans.append(cls(s, map=m))
+    return chans
+
+
 def test_vectorized_consult_sees_changed_answers(backend, use_poll):
     """Many docs-pattern channels: only the one whose answer flips writes."""
     from fastasyncore import asyncore
@@ -285,11 +295,7 @@ def test_vectorized_consult_sees_changed_answers(backend, use_poll):
             writes.append(self._fileno)
             self.want = False
 
-    chans = []
-    for _ in range(30):
-        s, peer = pair()
-        peers.append(peer)
-        chans.append(Docs(s, map=m))
+    chans = _channels(Docs, 30, m, peers)
     try:
         asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
         assert writes == []
@@ -323,11 +329,7 @@ def test_consult_switches_between_vectorized_and_plain_loop(backend, use_poll):
         def handle_write(self):
             writes.append(self._fileno)
 
-    chans = []
-    for _ in range(20):
-        s, peer = pair()
-        peers.append(peer)
-        chans.append(Docs(s, map=m))
+    chans = _channels(Docs, 20, m, peers)
     try:
         asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
         st = _loop._states[id(m)]

@@ -725,20 +725,8 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
             if m & POLLPRI and ev & POLLPRI:
                 expts.append((fd, obj))
         # 3.11's read()/write()/_exception(): the same exception routing.
-        # Reads spelled out (the hot case: no getattr per event).
-        for fd, obj in reads:
-            if map.get(fd) is obj:
-                try:
-                    obj.handle_read_event()
-                except REraised:
-                    raise
-                except BaseException:
-                    obj.handle_error()
-                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                    pending.add(fd)
-        if not writes and not expts:
-            return
-        for name, todo in (("handle_write_event", writes),
+        for name, todo in (("handle_read_event", reads),
+                           ("handle_write_event", writes),
                            ("handle_expt_event", expts)):
             for fd, obj in todo:
                 if map.get(fd) is obj:
