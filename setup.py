@@ -16,7 +16,7 @@ import platform
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -52,10 +52,32 @@ class optional_build_ext(build_ext):
             raise BuildFailed(exc) from exc
 
 
+def _env_flags(name: str) -> list:
+    return os.environ.get(name, "").split()
+
+
+def cloop_extension() -> Extension:
+    """fastasyncore._cloop: the loop's iterations in C (csrc/fa_cloop.c).
+
+    A CPython-API module beside the cffi core (cffi cannot call Python
+    handlers cheaply); it reaches the poller through a function pointer that
+    _cffi.py hands it, so no C source is compiled twice.  Limited API 3.9
+    (one abi3 build), except on free-threaded builds, which have none.
+    """
+    return Extension(
+        "fastasyncore._cloop", ["csrc/fa_cloop.c"], include_dirs=["csrc"],
+        depends=["csrc/fastasyncore.h"],
+        py_limited_api=GIL,
+        define_macros=[("Py_LIMITED_API", "0x03090000")] if GIL else [],
+        extra_compile_args=["-fvisibility=hidden"] + _env_flags("FASTASYNCORE_CFLAGS"),
+        extra_link_args=_env_flags("FASTASYNCORE_LDFLAGS"))
+
+
 def run_setup(with_core: bool) -> None:
     kw = {}
     if with_core:
         kw["cffi_modules"] = ["build.py:ffibuilder"]
+        kw["ext_modules"] = [cloop_extension()]
         kw["cmdclass"] = {"build_ext": optional_build_ext}
         if GIL:
             kw["options"] = {"bdist_wheel": {"py_limited_api": "cp39"}}
@@ -76,8 +98,9 @@ def drop_stale_core() -> None:
     # An in-tree build/ may hold a core from an earlier successful build; it
     # must not end up in a pure wheel.
     import glob
-    for stale in glob.glob(os.path.join("build", "lib*", "fastasyncore", "_core*")):
-        os.remove(stale)
+    for name in ("_core*", "_cloop*"):
+        for stale in glob.glob(os.path.join("build", "lib*", "fastasyncore", name)):
+            os.remove(stale)
 
 
 if not WANT_CORE:

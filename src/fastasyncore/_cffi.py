@@ -54,6 +54,10 @@ _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack
 _monotonic = _time.monotonic
 
+#: The address of fa_poller_wait, for the C loop (fastasyncore._cloop calls
+#: the core through it: one copy of the poller code, one ABI).
+WAIT_ADDR: int = int(ffi.cast("uintptr_t", ffi.addressof(lib, "fa_poller_wait")))
+
 
 def _check_fd(fd: int) -> int:
     if not isinstance(fd, int):
@@ -82,7 +86,7 @@ class Poller:
 
     __slots__ = ("kind", "_p", "_reg", "_pending", "_chg", "_chgcap",
                  "_out", "_outcap", "_napplied", "closed", "_lock", "_freed",
-                 "_one", "_chg_keep")
+                 "_one", "_chg_keep", "addr")
 
     def __init__(self, kind: "str | None" = None) -> None:
         if kind is None:
@@ -97,10 +101,15 @@ class Poller:
         if rc < 0:
             raise _oserror(rc)
         self._p = ffi.gc(pp[0], lib.fa_poller_free)
+        # The C state's address, for the C loop (valid while not _freed; the
+        # C loop checks `closed` under _lock before using it, as wait() does).
+        self.addr = int(ffi.cast("uintptr_t", pp[0]))
         self._freed = False
         self._lock = _threading.Lock()  # held while C uses self._p
         self.kind = kind
         self.closed = False
+        # _reg and _pending are never replaced, only mutated: the C loop
+        # (fa_cloop.c) holds them while it uses this poller.
         self._reg: Dict[int, int] = {}
         self._pending: Dict[int, int] = {}
         self._chgcap = 64
@@ -208,7 +217,9 @@ class Poller:
             # into a fresh dict and are applied by the next wait.
             pending = self._pending
             if pending:
-                self._pending = {}
+                # (never a new dict: the C loop holds this one)
+                pending = pending.copy()
+                self._pending.clear()
                 nchg = self._load_changes(pending)
                 if len(self._reg) > self._outcap:
                     self._grow_out()
@@ -257,7 +268,8 @@ class Poller:
                 if applied < nchg:  # keep the changes C did not reach
                     rest = dict(list(pending.items())[applied:])
                     rest.update(self._pending)
-                    self._pending = rest
+                    self._pending.clear()
+                    self._pending.update(rest)
                 nchg = 0
             if n != -_EINTR:
                 raise _oserror(n)

@@ -39,7 +39,8 @@ __all__ = [
     "ExitNow", "REraised", "DISCONNECTED", "POLLIN", "POLLPRI", "POLLOUT",
     "MapState", "poll_once", "touch", "note_added", "note_removed",
     "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
-    "bound_is", "reclassify", "INHERITED",
+    "bound_is", "reclassify", "INHERITED", "LOOP_VALID", "c_run",
+    "loop_impl", "set_loop",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -221,6 +222,8 @@ class MapState:
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
         self.poller: Optional[Any] = _new_poller()
+        # The containers below are never replaced, only mutated: the C loop
+        # (fa_cloop.c) holds them for the whole of a loop() call.
         self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
         self.mask: Dict[Any, int] = {}        # fd -> registered interest (non-zero)
         # fd -> (fd, obj, call_readable, call_writable): channels asked each turn
@@ -267,10 +270,10 @@ class MapState:
 
     def flush(self) -> None:
         batch = self.batch
-        self.batch = {}
         self.nchg += len(batch)
         if self.poller is not None:
             self.poller.update(batch)
+        batch.clear()
 
     def adapt(self) -> None:
         """Pick the cheaper way to wait for the coming iterations.
@@ -340,8 +343,8 @@ class MapState:
             for fd in [fd for fd in self.owner if m.get(fd) is not self.owner[fd]]:
                 self._drop(fd)
             # Rebuild consulted in map order (3.11 asks channels in map order).
-            old = self.consulted
-            self.consulted = {}
+            old = self.consulted.copy()
+            self.consulted.clear()
             self.csnap = None
             reclass = self.reclass
             for fd, obj in list(m.items()):
@@ -643,6 +646,64 @@ def _resume_due(st: MapState) -> int:
     return -1 if nxt is None else math.ceil((nxt - now) * 1000)
 
 
+# ---------------------------------------------------------------------------
+# Which loop runs the iterations: the C loop (fastasyncore._cloop, beside the
+# cffi core; csrc/fa_cloop.c) or the Python one below, its reference and the
+# pure backend's loop.  FASTASYNCORE_LOOP=auto|c|py, read once at import:
+# auto = C whenever the cffi backend is active and _cloop was built; c = the
+# same, but a cffi backend without _cloop is an ImportError; py = never C.
+
+LOOP_VALID = ("auto", "c", "py")
+_loop_choice = os.environ.get("FASTASYNCORE_LOOP", "auto").strip().lower() or "auto"
+_crun: Any = None          # _cloop.run, configured for _crun_backend
+_crun_backend: Any = None  # the backend module _crun was resolved for
+
+
+def _resolve_crun(backend: Any) -> Any:
+    if _loop_choice == "py" or backend.NAME != "cffi":
+        return None
+    try:
+        from . import _cloop
+    except ImportError as exc:
+        if _loop_choice == "c":
+            raise ImportError("FASTASYNCORE_LOOP='c' but the C loop "
+                              "(fastasyncore._cloop) is not available: %s" % exc) from exc
+        return None
+    _cloop.configure(__import__(__name__, fromlist=["_"]), backend.WAIT_ADDR,
+                     backend.poll_list)
+    return _cloop.run
+
+
+def c_run() -> Any:
+    """``_cloop.run`` when the C loop serves the current backend, else None."""
+    global _crun, _crun_backend
+    be = _backend.current
+    if be is not _crun_backend:
+        _crun = _resolve_crun(be)
+        _crun_backend = be
+    return _crun
+
+
+def loop_impl() -> str:
+    """"c" when loop()/poll()/poll2() iterate in C now, else "py"."""
+    return "c" if c_run() is not None else "py"
+
+
+def set_loop(name: str) -> None:
+    """Choose the loop at run time (tests, benchmarks): auto, c or py."""
+    global _loop_choice, _crun_backend
+    if name not in LOOP_VALID:
+        raise ValueError("loop must be one of %s, not %r" % (", ".join(LOOP_VALID), name))
+    _loop_choice = name
+    _crun_backend = None
+    c_run()
+
+
+if _loop_choice not in LOOP_VALID:
+    raise ImportError("FASTASYNCORE_LOOP=%r: expected one of %s"
+                      % (_loop_choice, ", ".join(repr(v) for v in LOOP_VALID)))
+
+
 def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) -> None:
     """One iteration of asyncore.poll (select_mode) or asyncore.poll2."""
     st = _state(map)
@@ -660,8 +721,15 @@ def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) 
             forget_map(map)
 
 
-def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
-               select_mode: bool) -> None:
+_DONE = -2   # _prepare(): the iteration is over (it slept: nothing to wait on)
+
+
+def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
+             select_mode: bool) -> int:
+    """Everything of an iteration before the wait: resume suspended fds,
+    reconcile, consult, flush the batch, adapt.  -> ms to wait (< 0: block),
+    or _DONE.  Shared by the Python loop and the C loop (which calls it only
+    when one of these steps has work to do, see fa_cloop.c)."""
     resume_ms = -1
     if st.suspended:
         resume_ms = _resume_due(st)
@@ -678,19 +746,32 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         ms = resume_ms
         if not st.mask and select_mode:
             time.sleep(ms / 1000.0)
-            return
+            return _DONE
     if not st.mask and select_mode:
         time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
-        return
+        return _DONE
     st.iters += 1
     if st.iters >= st.adapt_at or _force_mode is not None:
         st.adapt()
+    return ms
+
+
+def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
+               select_mode: bool) -> None:
+    ms = _prepare(st, map, timeout, select_mode)
+    if ms == _DONE:
+        return
     if st.poller is None:
         events = _backend.current.poll_list(st.mask, ms)
     else:
         events = st.poller.wait(ms)
-    if not events:
-        return
+    if events:
+        _dispatch(st, map, events, select_mode)
+
+
+def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
+              select_mode: bool) -> None:
+    """Deliver one wait's events (the reference for fa_cloop.c's dispatch)."""
     owner = st.owner
     pending = st.pending
     consulted = st.consulted

@@ -124,7 +124,11 @@ def poll(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if map:
-        _loop.poll_once(map, timeout, True)
+        run = _loop.c_run()
+        if run is not None and type(map) is dict:
+            run(map, timeout, True, 1)
+        else:
+            _loop.poll_once(map, timeout, True)
 
 
 def poll2(timeout=0.0, map=None):
@@ -132,10 +136,15 @@ def poll2(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if map:
-        _loop.poll_once(map, timeout, False)
+        run = _loop.c_run()
+        if run is not None and type(map) is dict:
+            run(map, timeout, False, 1)
+        else:
+            _loop.poll_once(map, timeout, False)
 
 
 poll3 = poll2                           # Alias for backward compatibility
+_poll, _poll2 = poll, poll2            # ours, for loop()'s C path
 
 
 def loop(timeout=30.0, use_poll=False, map=None, count=None):
@@ -146,6 +155,17 @@ def loop(timeout=30.0, use_poll=False, map=None, count=None):
         poll_fun = poll2
     else:
         poll_fun = poll
+
+    # Our own poll()/poll2() on a plain dict: the iterations run in C (one
+    # call for the whole loop) where the C loop is available.  A poll
+    # function replaced by the user is called each iteration, as in 3.11.
+    select_mode = True if poll_fun is _poll else False if poll_fun is _poll2 else None
+    if select_mode is not None and type(map) is dict \
+            and (count is None or type(count) is int):
+        run = _loop.c_run()
+        if run is not None:
+            run(map, timeout, select_mode, count)
+            return
 
     if count is None:
         while map:

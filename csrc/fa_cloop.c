@@ -1,0 +1,1113 @@
+/*
+ * fa_cloop.c: fastasyncore's loop in C (the module fastasyncore._cloop).
+ *
+ * Why this exists beside the cffi core: cffi has no cheap way from C into
+ * Python, and a loop iteration is mostly calls into Python handlers plus the
+ * bookkeeping around them (owner/map checks, exception routing, the managed
+ * re-check).  In Python that bookkeeping costs more than the handlers'
+ * calls themselves (../shared/spec/c-loop-notes.md: 135 vs 57 ns per event
+ * on 3.11).  So this small CPython-API module runs the iterations of
+ * asyncore.loop()/poll()/poll2() for the cffi backend:
+ *
+ *   - the iteration's preparation (reconcile, consult, flush, adapt) stays
+ *     in Python (_loop._prepare) and is called only when it has work to do;
+ *     a map whose channels are all managed and unchanged goes straight to
+ *     the wait;
+ *   - the wait calls the cffi core's fa_poller_wait() through a function
+ *     pointer (one copy of the poller code, one ABI truth: fastasyncore.h),
+ *     on the very poller object _cffi.Poller owns, under the same lock
+ *     protocol, with the GIL released around the kernel call only;
+ *   - the dispatch is _loop._dispatch() in C: the same 3.11 exception
+ *     routing, the same owner/map checks, the same re-check of managed
+ *     channels' interest.  _loop.py stays the reference; tests run both.
+ *
+ * Limited API (Py_LIMITED_API=0x03090000, one abi3 build for 3.9+).  Rules
+ * that keep it memory-safe while handlers mutate everything:
+ *   - every object taken from a dict is INCREF'd before any call into
+ *     Python (a handler may close itself, others, or clear the map);
+ *   - the event array is owned by this call (a handler may call loop() on
+ *     the same map: the nested wait gets its own buffer);
+ *   - nothing iterates a dict while calling into Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+#include <time.h>
+
+#include "fastasyncore.h"
+
+typedef int (*fa_wait_fn)(fa_poller *, const int *, size_t, int, int *,
+                          size_t, size_t *);
+
+#define CLOSE_BITS (FA_POLLHUP | FA_POLLERR | FA_POLLNVAL)
+#define LOCAL_PAIRS 64          /* events kept on the stack; more: PyMem */
+#define DONE (-2)               /* _loop._DONE */
+
+/* Interned attribute/method names, created once at import. */
+static struct {
+    PyObject *handle_read_event, *handle_write_event, *handle_expt_event,
+        *handle_close, *handle_error, *fa_mask, *fa_regmask, *errno_,
+        *thread, *map, *poller, *pending, *full, *owner, *consulted, *batch,
+        *mask, *suspended, *iters, *adapt_at, *lock, *closed, *p_pending,
+        *reg, *addr, *freed, *free_after_close, *acquire, *release,
+        *force_mode, *wait;
+} S;
+
+/* Set by configure() from _loop.py (strong references, kept for good). */
+static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
+    *g_poll_once, *g_timeout_ms, *g_forget_map, *g_poll_list, *g_loopdict;
+static fa_wait_fn g_wait;
+
+/* ------------------------------------------------------------------------ */
+/* small helpers */
+
+static PyObject *
+call0(PyObject *obj, PyObject *name)
+{
+    return PyObject_CallMethodObjArgs(obj, name, NULL);
+}
+
+/* len(getattr(obj, name)); -1 on error. */
+static Py_ssize_t
+attr_len(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    Py_ssize_t n;
+    if (v == NULL)
+        return -1;
+    n = PyObject_Size(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static int
+attr_long(PyObject *obj, PyObject *name, long *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Event pairs of one wait, owned by one iteration. */
+typedef struct {
+    int *pairs;
+    Py_ssize_t n;
+    Py_ssize_t cap;
+    int local[2 * LOCAL_PAIRS];
+} evbuf;
+
+static int
+evbuf_reserve(evbuf *b, Py_ssize_t cap)
+{
+    if (cap <= LOCAL_PAIRS) {
+        b->pairs = b->local;
+        b->cap = LOCAL_PAIRS;
+        return 0;
+    }
+    if ((size_t)cap > (size_t)PY_SSIZE_T_MAX / (2 * sizeof(int))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->pairs = PyMem_Malloc((size_t)cap * 2 * sizeof(int));
+    if (b->pairs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->cap = cap;
+    return 0;
+}
+
+static void
+evbuf_release(evbuf *b)
+{
+    if (b->pairs != NULL && b->pairs != b->local)
+        PyMem_Free(b->pairs);
+    b->pairs = NULL;
+}
+
+/* A list of (fd, events) tuples (Poller.wait(), poll_list()) into b. */
+static int
+evbuf_from_list(evbuf *b, PyObject *lst)
+{
+    Py_ssize_t i, n;
+    if (!PyList_Check(lst)) {
+        PyErr_SetString(PyExc_TypeError, "a wait must return a list of (fd, events)");
+        return -1;
+    }
+    n = PyList_Size(lst);
+    if (n < 0 || evbuf_reserve(b, n) < 0)
+        return -1;
+    for (i = 0; i < n; i++) {
+        PyObject *t, *fd, *ev;
+        long f, e;
+        t = PyList_GetItem(lst, i);     /* borrowed; no call into Python below */
+        if (t == NULL)
+            return -1;
+        Py_INCREF(t);
+        fd = PyTuple_GetItem(t, 0);
+        ev = fd ? PyTuple_GetItem(t, 1) : NULL;
+        if (ev == NULL) {
+            Py_DECREF(t);
+            return -1;
+        }
+        f = PyLong_AsLong(fd);
+        e = PyLong_AsLong(ev);
+        Py_DECREF(t);
+        if ((f == -1 || e == -1) && PyErr_Occurred())
+            return -1;
+        b->pairs[2 * i] = (int)f;
+        b->pairs[2 * i + 1] = (int)e;
+    }
+    b->n = n;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* What one run() holds of a map's MapState and of its poller.  The
+ * containers are never replaced on the Python side (only mutated), so they
+ * are fetched once; the scalars are read where they can change. */
+
+typedef struct {
+    PyObject *st;                 /* the MapState we own (st.thread is ours) */
+    PyObject *owner, *mask, *pending, *consulted, *batch, *suspended;
+    long iters, adapt_at;         /* st.iters when read, st.adapt_at */
+    long citers;                  /* iterations counted here, not yet in st */
+    PyObject *poller;             /* the poller the fields below belong to */
+    PyObject *acquire, *release, *p_pending, *reg;
+    fa_poller *p;
+} loopst;
+
+static void
+poller_forget(loopst *c)
+{
+    Py_CLEAR(c->poller);
+    Py_CLEAR(c->acquire);
+    Py_CLEAR(c->release);
+    Py_CLEAR(c->p_pending);
+    Py_CLEAR(c->reg);
+    c->p = NULL;
+}
+
+static int
+poller_take(loopst *c, PyObject *poller)
+{
+    PyObject *lock, *a;
+    poller_forget(c);
+    Py_INCREF(poller);
+    c->poller = poller;
+    if (!(lock = PyObject_GetAttr(poller, S.lock)))
+        return -1;
+    c->acquire = PyObject_GetAttr(lock, S.acquire);
+    c->release = PyObject_GetAttr(lock, S.release);
+    Py_DECREF(lock);
+    if (!c->acquire || !c->release ||
+        !(c->p_pending = PyObject_GetAttr(poller, S.p_pending)) ||
+        !(c->reg = PyObject_GetAttr(poller, S.reg)) ||
+        !(a = PyObject_GetAttr(poller, S.addr)))
+        goto fail;
+    if (!PyDict_Check(c->p_pending) || !PyDict_Check(c->reg)) {
+        PyErr_SetString(PyExc_TypeError, "Poller._pending/_reg must be dicts");
+        Py_DECREF(a);
+        goto fail;
+    }
+    c->p = (fa_poller *)PyLong_AsVoidPtr(a);
+    Py_DECREF(a);
+    if (c->p == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "poller has no C state");
+        goto fail;
+    }
+    return 0;
+fail:
+    poller_forget(c);
+    return -1;
+}
+
+static int
+read_iters(loopst *c)
+{
+    return (attr_long(c->st, S.iters, &c->iters) < 0 ||
+            attr_long(c->st, S.adapt_at, &c->adapt_at) < 0) ? -1 : 0;
+}
+
+/* Hand the iterations counted here to st.iters (before _prepare/adapt looks
+ * at them, and when the run ends). */
+static int
+flush_iters(loopst *c)
+{
+    PyObject *v;
+    long now;
+    int r;
+    if (!c->citers)
+        return 0;
+    if (attr_long(c->st, S.iters, &now) < 0)
+        return -1;
+    v = PyLong_FromLong(now + c->citers);
+    if (v == NULL)
+        return -1;
+    r = PyObject_SetAttr(c->st, S.iters, v);
+    Py_DECREF(v);
+    c->citers = 0;
+    return r;
+}
+
+static int
+loopst_take(loopst *c, PyObject *st, PyObject *me)
+{
+    memset(c, 0, sizeof(*c));
+    if (PyObject_SetAttr(st, S.thread, me) < 0)
+        return -1;
+    Py_INCREF(st);
+    c->st = st;
+#define GET(field, name) \
+    if (!(c->field = PyObject_GetAttr(st, S.name))) goto fail
+    GET(owner, owner);
+    GET(mask, mask);
+    GET(pending, pending);
+    GET(consulted, consulted);
+    GET(batch, batch);
+    GET(suspended, suspended);
+#undef GET
+    if (!PyDict_Check(c->owner) || !PyDict_Check(c->mask) ||
+        !PyAnySet_Check(c->pending) || !PyDict_Check(c->consulted) ||
+        !PyDict_Check(c->batch) || !PyDict_Check(c->suspended)) {
+        PyErr_SetString(PyExc_TypeError, "unexpected MapState layout");
+        goto fail;
+    }
+    if (read_iters(c) < 0)
+        goto fail;
+    return 0;
+fail:
+    return -1;           /* the caller runs loopst_release() */
+}
+
+/* Give the state back: st.thread = None, the counted iterations, and an
+ * emptied map forgotten (what _loop.poll_once's `finally` does).  Keeps an
+ * error that is already set (a failure here replaces it, as in Python). */
+static int
+loopst_release(loopst *c, PyObject *map)
+{
+    PyObject *t = NULL, *v = NULL, *tb = NULL;
+    int had = PyErr_Occurred() != NULL, rc = 0;
+    if (c->st == NULL)
+        return 0;
+    if (had)
+        PyErr_Fetch(&t, &v, &tb);
+    if (flush_iters(c) < 0 || PyObject_SetAttr(c->st, S.thread, Py_None) < 0) {
+        rc = -1;
+    } else if (PyDict_Size(map) == 0) {
+        PyObject *r = PyObject_CallFunctionObjArgs(g_forget_map, map, NULL);
+        if (r == NULL)
+            rc = -1;
+        Py_XDECREF(r);
+    }
+    poller_forget(c);
+    Py_CLEAR(c->owner);
+    Py_CLEAR(c->mask);
+    Py_CLEAR(c->pending);
+    Py_CLEAR(c->consulted);
+    Py_CLEAR(c->batch);
+    Py_CLEAR(c->suspended);
+    Py_CLEAR(c->st);
+    if (had) {
+        if (rc < 0) {
+            Py_XDECREF(t);
+            Py_XDECREF(v);
+            Py_XDECREF(tb);
+        } else {
+            PyErr_Restore(t, v, tb);
+        }
+        return -1;
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* exception routing: asyncore 3.11's read()/write()/_exception() (rw == 0)
+ * and readwrite() (rw == 1).  Called with an exception set, raised by one of
+ * obj's handlers.  0: routed to a handler that returned; -1: propagate (the
+ * error is set). */
+
+static int
+is_disconnect(PyObject *exc)
+{
+    PyObject *e = PyObject_GetAttr(exc, S.errno_);
+    int r;
+    if (e == NULL)
+        return -1;
+    /* errno None (OSError("x")) is not in DISCONNECTED: handle_error */
+    r = PySet_Contains(g_disconnected, e);
+    Py_DECREF(e);
+    return r;
+}
+
+static int
+route(PyObject *obj, int rw)
+{
+    PyObject *t, *v, *tb, *ot, *ov, *otb, *name = S.handle_error, *r;
+    int oserr = rw && PyErr_ExceptionMatches(PyExc_OSError);
+
+    /* 3.11: `except OSError` comes first in readwrite(); ExitNow and
+     * KeyboardInterrupt/SystemExit are never OSErrors, so the order only
+     * matters for readability. */
+    if (!oserr && (PyErr_ExceptionMatches(g_ExitNow) ||
+                   PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) ||
+                   PyErr_ExceptionMatches(PyExc_SystemExit)))
+        return -1;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb != NULL && v != NULL)
+        PyException_SetTraceback(v, tb);
+    if (oserr) {
+        int d = is_disconnect(v);
+        if (d < 0) {
+            Py_XDECREF(t);
+            Py_XDECREF(v);
+            Py_XDECREF(tb);
+            return -1;
+        }
+        if (d)
+            name = S.handle_close;
+    }
+    /* handle_error() reads sys.exc_info() (compact_traceback): install the
+     * exception as the one being handled, as an `except:` block does, and
+     * put the outer one back afterwards. */
+    PyErr_GetExcInfo(&ot, &ov, &otb);
+    PyErr_SetExcInfo(t, v, tb);                 /* steals t, v, tb */
+    r = call0(obj, name);
+    PyErr_SetExcInfo(ot, ov, otb);              /* steals */
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* After a handler of a managed channel: did it change what readable()/
+ * writable() would answer?  -> pending.add(fd).  (_loop._dispatch) */
+static int
+recheck(PyObject *consulted, PyObject *pending, PyObject *key, PyObject *obj)
+{
+    PyObject *m, *rm;
+    int c = PyDict_Contains(consulted, key);
+    if (c != 0)
+        return c < 0 ? -1 : 0;
+    m = call0(obj, S.fa_mask);
+    if (m == NULL)
+        return -1;
+    rm = PyObject_GetAttr(obj, S.fa_regmask);
+    if (rm == NULL) {
+        Py_DECREF(m);
+        return -1;
+    }
+    c = PyObject_RichCompareBool(m, rm, Py_NE);
+    Py_DECREF(m);
+    Py_DECREF(rm);
+    if (c > 0)
+        return PySet_Add(pending, key);
+    return c;
+}
+
+/* map.get(key) is obj?  1 yes, 0 no, -1 error */
+static int
+still_owner(PyObject *map, PyObject *key, PyObject *obj)
+{
+    PyObject *cur = PyDict_GetItemWithError(map, key);
+    if (cur == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return cur == obj;
+}
+
+/* ------------------------------------------------------------------------ */
+/* dispatch */
+
+typedef struct {
+    PyObject *key;
+    PyObject *obj;
+} item;
+
+static int
+dispatch_poll(loopst *c, PyObject *map, evbuf *b)
+{
+    PyObject *owner = c->owner, *pending = c->pending, *consulted = c->consulted;
+    Py_ssize_t i;
+    int rc = -1;
+
+    for (i = 0; i < b->n; i++) {
+        int ev = b->pairs[2 * i + 1], s;
+        PyObject *key = PyLong_FromLong(b->pairs[2 * i]), *obj, *r;
+        if (key == NULL)
+            goto out;
+        obj = PyDict_GetItemWithError(owner, key);
+        if (obj == NULL || (s = still_owner(map, key, obj)) == 0) {
+            Py_DECREF(key);
+            if (PyErr_Occurred())
+                goto out;
+            continue;
+        }
+        if (s < 0) {
+            Py_DECREF(key);
+            goto out;
+        }
+        Py_INCREF(obj);               /* held until its last call returned */
+        /* 3.11 readwrite(): read, write, priority, close; stop when a
+         * handler closed the channel (our fix: no handler after close()) */
+        s = 0;
+        if (ev & FA_POLLIN) {
+            r = call0(obj, S.handle_read_event);
+            if (r == NULL)
+                goto exc;
+            Py_DECREF(r);
+            if ((s = still_owner(map, key, obj)) <= 0)
+                goto done;
+        }
+        if (ev & FA_POLLOUT) {
+            r = call0(obj, S.handle_write_event);
+            if (r == NULL)
+                goto exc;
+            Py_DECREF(r);
+            if ((s = still_owner(map, key, obj)) <= 0)
+                goto done;
+        }
+        if (ev & FA_POLLPRI) {
+            r = call0(obj, S.handle_expt_event);
+            if (r == NULL)
+                goto exc;
+            Py_DECREF(r);
+            if ((s = still_owner(map, key, obj)) <= 0)
+                goto done;
+        }
+        if (ev & CLOSE_BITS) {
+            r = call0(obj, S.handle_close);
+            if (r == NULL)
+                goto exc;
+            Py_DECREF(r);
+        }
+        s = 0;
+        goto done;
+    exc:
+        s = route(obj, 1);
+    done:
+        if (s >= 0)
+            s = recheck(consulted, pending, key, obj);
+        Py_DECREF(obj);
+        Py_DECREF(key);
+        if (s < 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    return rc;
+}
+
+static int
+dispatch_select(loopst *c, PyObject *map, evbuf *b)
+{
+    PyObject *owner = c->owner, *pending = c->pending, *consulted = c->consulted,
+        *mask = c->mask;
+    item *todo[3] = {NULL, NULL, NULL}, *all = NULL;
+    Py_ssize_t cnt[3] = {0, 0, 0}, i, n = b->n;
+    item local[3 * 8];
+    PyObject *names[3];
+    int rc = -1, k;
+
+    names[0] = S.handle_read_event;
+    names[1] = S.handle_write_event;
+    names[2] = S.handle_expt_event;
+    if (n <= 8) {
+        all = local;
+    } else {
+        all = PyMem_Malloc(3 * (size_t)n * sizeof(item));
+        if (all == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    todo[0] = all;
+    todo[1] = all + n;
+    todo[2] = all + 2 * n;
+    /* 3.11 order: every read, then every write, then every exception. */
+    for (i = 0; i < n; i++) {
+        int ev = b->pairs[2 * i + 1];
+        long m;
+        PyObject *key = PyLong_FromLong(b->pairs[2 * i]), *obj, *mv;
+        if (key == NULL)
+            goto out;
+        obj = PyDict_GetItemWithError(owner, key);
+        if (obj == NULL) {
+            Py_DECREF(key);
+            if (PyErr_Occurred())
+                goto out;
+            continue;
+        }
+        if (ev == FA_POLLIN) {
+            /* the common case; the kernel reports POLLIN only for fds
+             * registered for it, so the mask test is moot */
+            Py_INCREF(obj);
+            todo[0][cnt[0]].key = key;
+            todo[0][cnt[0]++].obj = obj;
+            continue;
+        }
+        mv = PyDict_GetItemWithError(mask, key);
+        if (mv == NULL && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto out;
+        }
+        m = mv ? PyLong_AsLong(mv) : 0;
+        if (m == -1 && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto out;
+        }
+        if (ev & FA_POLLNVAL)
+            /* select() would fail with EBADF; poll() reports NVAL: a read
+             * (its recv fails with EBADF -> handle_close()) */
+            ev |= FA_POLLIN | FA_POLLOUT;
+        if ((m & FA_POLLIN) && (ev & (FA_POLLIN | FA_POLLHUP | FA_POLLERR))) {
+            Py_INCREF(key);
+            Py_INCREF(obj);
+            todo[0][cnt[0]].key = key;
+            todo[0][cnt[0]++].obj = obj;
+        }
+        if ((m & FA_POLLOUT) && (ev & (FA_POLLOUT | FA_POLLERR | FA_POLLHUP))) {
+            Py_INCREF(key);
+            Py_INCREF(obj);
+            todo[1][cnt[1]].key = key;
+            todo[1][cnt[1]++].obj = obj;
+        }
+        if ((m & FA_POLLPRI) && (ev & FA_POLLPRI)) {
+            Py_INCREF(key);
+            Py_INCREF(obj);
+            todo[2][cnt[2]].key = key;
+            todo[2][cnt[2]++].obj = obj;
+        }
+        Py_DECREF(key);
+    }
+    for (k = 0; k < 3; k++) {
+        for (i = 0; i < cnt[k]; i++) {
+            PyObject *key = todo[k][i].key, *obj = todo[k][i].obj, *r;
+            int s = still_owner(map, key, obj);
+            if (s < 0)
+                goto out;
+            if (!s)
+                continue;
+            r = call0(obj, names[k]);
+            if (r == NULL) {
+                if (route(obj, 0) < 0)
+                    goto out;
+            } else {
+                Py_DECREF(r);
+            }
+            if (recheck(consulted, pending, key, obj) < 0)
+                goto out;
+        }
+    }
+    rc = 0;
+out:
+    for (k = 0; k < 3; k++)
+        for (i = 0; i < cnt[k]; i++) {
+            Py_DECREF(todo[k][i].key);
+            Py_DECREF(todo[k][i].obj);
+        }
+    if (all != local)
+        PyMem_Free(all);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the wait */
+
+/* Put the changes fa_poller_wait did not reach back in front of the ones
+ * made meanwhile (Poller._wait_error does the same), in the same dict. */
+static int
+keep_unapplied(PyObject *pend, const int *chg, size_t nchg, size_t applied)
+{
+    PyObject *rest = PyDict_New();
+    size_t i;
+    int rc = -1;
+    if (rest == NULL)
+        return -1;
+    for (i = applied; i < nchg; i++) {
+        PyObject *k = PyLong_FromLong(chg[2 * i]);
+        PyObject *v = PyLong_FromLong(chg[2 * i + 1]);
+        int s = (k && v) ? PyDict_SetItem(rest, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (s < 0)
+            goto out;
+    }
+    if (PyDict_Update(rest, pend) < 0)
+        goto out;
+    PyDict_Clear(pend);
+    rc = PyDict_Update(pend, rest);
+out:
+    Py_DECREF(rest);
+    return rc;
+}
+
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int r;
+    if (v == NULL)
+        return -1;
+    r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Poller.wait(ms) on the C side: the same lock protocol, EINTR/deadline
+ * handling (PEP 475) and error values.  0 with b filled, 1 when the poller is
+ * busy or closed (the caller then calls Poller.wait() itself, which raises
+ * the right error), -1 on error. */
+static int
+wait_cffi(loopst *c, PyObject *poller, long ms, evbuf *b)
+{
+    PyObject *r, *pend;
+    PyObject *t = NULL, *v = NULL, *tb = NULL;
+    int *chg = NULL, chg_local[2 * 16];
+    size_t nchg = 0, napplied = 0;
+    Py_ssize_t nreg;
+    int tmo, n, rc = -1, closed;
+    double deadline = 0.0;
+
+    if (poller != c->poller && poller_take(c, poller) < 0)
+        return -1;
+    r = PyObject_CallFunctionObjArgs(c->acquire, Py_False, NULL);
+    if (r == NULL)
+        return -1;
+    if (r != Py_True) {                       /* another thread waits */
+        Py_DECREF(r);
+        return 1;
+    }
+    Py_DECREF(r);
+    /* From here the lock is held: close() from another thread defers the
+     * free of the C state to us (see _cffi.Poller). */
+    closed = attr_true(poller, S.closed);
+    if (closed != 0) {
+        rc = closed < 0 ? -1 : 1;
+        goto unlock;
+    }
+    pend = c->p_pending;
+    {
+        Py_ssize_t np = PyDict_Size(pend), pos = 0;
+        PyObject *k, *vv;
+        if (np > 0) {
+            chg = np <= 16 ? chg_local : PyMem_Malloc((size_t)np * 2 * sizeof(int));
+            if (chg == NULL) {
+                PyErr_NoMemory();
+                goto unlock;
+            }
+            while (PyDict_Next(pend, &pos, &k, &vv)) {
+                long f = PyLong_AsLong(k), e = PyLong_AsLong(vv);
+                if ((f == -1 || e == -1) && PyErr_Occurred())
+                    goto unlock;
+                chg[2 * nchg] = (int)f;
+                chg[2 * nchg + 1] = (int)e;
+                nchg++;
+            }
+            /* changes made while we wait (another thread's modify()) go to
+             * the emptied dict and are applied by the next wait */
+            PyDict_Clear(pend);
+        }
+    }
+    nreg = PyDict_Size(c->reg);
+    if (evbuf_reserve(b, nreg > LOCAL_PAIRS ? nreg : LOCAL_PAIRS) < 0)
+        goto unlock;
+    tmo = ms < 0 ? -1 : (ms > INT_MAX ? INT_MAX : (int)ms);
+    if (tmo > 0)
+        deadline = monotonic() + tmo / 1000.0;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = g_wait(c->p, chg, nchg, tmo, b->pairs, (size_t)b->cap, &napplied);
+        Py_END_ALLOW_THREADS
+        if (n >= 0)
+            break;
+        if (nchg) {
+            if (napplied < nchg && keep_unapplied(pend, chg, nchg, napplied) < 0)
+                goto unlock;
+            nchg = 0;
+        }
+        if (n != -EINTR) {
+            errno = -n;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto unlock;
+        }
+        /* EINTR: run the signal handlers (one that raises ends the loop),
+         * then retry with the time left */
+        if (PyErr_CheckSignals() < 0)
+            goto unlock;
+        if (tmo > 0) {
+            double left = deadline - monotonic();
+            if (left <= 0) {
+                n = 0;
+                break;
+            }
+            left = ceil(left * 1000.0);
+            tmo = left > INT_MAX ? INT_MAX : (int)left;
+        }
+    }
+    b->n = n;
+    rc = 0;
+unlock:
+    if (chg != NULL && chg != chg_local)
+        PyMem_Free(chg);
+    if (rc < 0)
+        PyErr_Fetch(&t, &v, &tb);
+    r = PyObject_CallFunctionObjArgs(c->release, NULL);
+    if (r == NULL)
+        goto failed_after;
+    Py_DECREF(r);
+    /* close() ran while we waited: it could not free the C state then */
+    closed = attr_true(poller, S.closed);
+    if (closed < 0)
+        goto failed_after;
+    if (closed) {
+        int freed = attr_true(poller, S.freed);
+        if (freed < 0)
+            goto failed_after;
+        if (!freed) {
+            r = call0(poller, S.free_after_close);
+            if (r == NULL)
+                goto failed_after;
+            Py_DECREF(r);
+        }
+        poller_forget(c);
+    }
+    if (rc < 0)
+        PyErr_Restore(t, v, tb);
+    return rc;
+failed_after:
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* one iteration */
+
+/* Has _prepare() nothing to do?  1 yes (then the iteration is counted),
+ * 0 no, -1 error.  The conditions of _loop._prepare, in its order. */
+static int
+nothing_to_prepare(loopst *c, PyObject *map)
+{
+    PyObject *fm;
+    int t;
+
+    if (PyDict_Size(c->suspended) || PySet_Size(c->pending) ||
+        PyDict_Size(c->owner) != PyDict_Size(map) ||
+        PyDict_Size(c->consulted) || PyDict_Size(c->batch) ||
+        !PyDict_Size(c->mask))
+        return 0;
+    if (c->iters + c->citers + 1 >= c->adapt_at)
+        return 0;
+    if ((t = attr_true(c->st, S.full)) != 0)
+        return t < 0 ? -1 : 0;
+    fm = PyDict_GetItemWithError(g_loopdict, S.force_mode);
+    if (fm == NULL ? PyErr_Occurred() != NULL : fm != Py_None)
+        return fm == NULL ? -1 : 0;
+    c->citers++;
+    return 1;
+}
+
+static int
+iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
+          long *ms_cache)
+{
+    PyObject *poller, *r, *mode = select_mode ? Py_True : Py_False;
+    evbuf b;
+    long ms;
+    int rc = -1, fast;
+
+    b.pairs = NULL;
+    b.n = 0;
+    fast = nothing_to_prepare(c, map);
+    if (fast < 0)
+        return -1;
+    if (fast) {
+        if (*ms_cache == LONG_MIN) {
+            r = PyObject_CallFunctionObjArgs(g_timeout_ms, timeout, mode, NULL);
+            if (r == NULL)
+                return -1;
+            *ms_cache = PyLong_AsLong(r);
+            Py_DECREF(r);
+            if (*ms_cache == -1 && PyErr_Occurred()) {
+                *ms_cache = LONG_MIN;
+                return -1;
+            }
+        }
+        ms = *ms_cache;
+    } else {
+        if (flush_iters(c) < 0)
+            return -1;
+        r = PyObject_CallFunctionObjArgs(g_prepare, c->st, map, timeout, mode, NULL);
+        if (r == NULL)
+            return -1;
+        ms = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if ((ms == -1 && PyErr_Occurred()) || read_iters(c) < 0)
+            return -1;
+        if (ms == DONE)
+            return 0;
+    }
+    poller = PyObject_GetAttr(c->st, S.poller);
+    if (poller == NULL)
+        return -1;
+    if (poller == Py_None) {
+        /* the stateless poll(2) of a busy, fast-changing map (adapt()) */
+        PyObject *lst, *msv = PyLong_FromLong(ms);
+        lst = msv ? PyObject_CallFunctionObjArgs(g_poll_list, c->mask, msv, NULL) : NULL;
+        Py_XDECREF(msv);
+        if (lst == NULL)
+            goto out;
+        fast = evbuf_from_list(&b, lst);
+        Py_DECREF(lst);
+        if (fast < 0)
+            goto out;
+    } else {
+        int w = wait_cffi(c, poller, ms, &b);
+        if (w < 0)
+            goto out;
+        if (w > 0) {
+            /* busy or closed: Poller.wait() says why (or waits itself) */
+            PyObject *msv = PyLong_FromLong(ms), *lst;
+            evbuf_release(&b);
+            lst = msv ? PyObject_CallMethodObjArgs(poller, S.wait, msv, NULL) : NULL;
+            Py_XDECREF(msv);
+            if (lst == NULL)
+                goto out;
+            fast = evbuf_from_list(&b, lst);
+            Py_DECREF(lst);
+            if (fast < 0)
+                goto out;
+        }
+    }
+    if (b.n > 0) {
+        if ((select_mode ? dispatch_select(c, map, &b) : dispatch_poll(c, map, &b)) < 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    Py_DECREF(poller);
+    evbuf_release(&b);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* module functions */
+
+PyDoc_STRVAR(run_doc,
+"run(map, timeout, select_mode, count) -> None\n\n"
+"asyncore.loop()'s iterations over a dict map: `count` None (until the map\n"
+"is empty) or an int.  Each iteration is _loop.poll_once(map, timeout,\n"
+"select_mode); those that the C path cannot own (the map's state is in use\n"
+"by an outer frame or another thread, or was dropped) call it in Python.");
+
+static PyObject *
+cloop_run(PyObject *self, PyObject *args)
+{
+    PyObject *map, *timeout, *count, *me = NULL, *mapid = NULL;
+    int select_mode, failed = 0;
+    long long left = -1;
+    long ms_cache = LONG_MIN;
+    loopst c;
+    (void)self;
+
+    memset(&c, 0, sizeof(c));
+    if (!PyArg_ParseTuple(args, "O!OpO:run", &PyDict_Type, &map, &timeout,
+                          &select_mode, &count))
+        return NULL;
+    if (g_wait == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "fastasyncore._cloop is not configured");
+        return NULL;
+    }
+    if (count != Py_None) {
+        left = PyLong_AsLongLong(count);
+        if (left == -1 && PyErr_Occurred())
+            return NULL;
+        if (left <= 0)
+            Py_RETURN_NONE;
+    }
+    me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    mapid = PyLong_FromVoidPtr(map);          /* id(map): _loop._states' key */
+    if (me == NULL || mapid == NULL)
+        goto fail;
+    while (PyDict_Size(map) > 0 && left != 0) {
+        PyObject *st;
+        if (left > 0)
+            left--;
+        /* handlers check signals as they run; an iteration without events
+         * must too (Ctrl-C in loop(timeout=0)) */
+        if (PyErr_CheckSignals() < 0)
+            goto fail;
+        st = PyDict_GetItemWithError(g_states, mapid);
+        if (st == NULL && PyErr_Occurred())
+            goto fail;
+        if (st != c.st) {
+            /* first iteration, or the state was dropped (fork, forget) */
+            if (loopst_release(&c, map) < 0)
+                goto fail;
+            if (st != NULL) {
+                PyObject *stmap, *stth;
+                int own;
+                Py_INCREF(st);
+                stmap = PyObject_GetAttr(st, S.map);
+                stth = stmap ? PyObject_GetAttr(st, S.thread) : NULL;
+                own = stmap == map && stth == Py_None;
+                Py_XDECREF(stmap);
+                Py_XDECREF(stth);
+                if (stth == NULL || (own && loopst_take(&c, st, me) < 0)) {
+                    Py_DECREF(st);
+                    goto fail;
+                }
+                Py_DECREF(st);
+            }
+        }
+        if (c.st != NULL) {
+            if (iteration(&c, map, timeout, select_mode, &ms_cache) < 0)
+                goto fail;
+        } else {
+            /* no state yet, or it is in use by an outer frame (a handler
+             * calling loop() on its own map) or another thread: the Python
+             * path runs the iteration (and raises the two-threads error) */
+            PyObject *r = PyObject_CallFunctionObjArgs(
+                g_poll_once, map, timeout, select_mode ? Py_True : Py_False, NULL);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+        }
+    }
+    goto done;
+fail:
+    failed = 1;
+done:
+    if (loopst_release(&c, map) < 0)
+        failed = 1;
+    Py_XDECREF(me);
+    Py_XDECREF(mapid);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(configure_doc,
+"configure(loop_module, wait_addr, poll_list) -> None\n\n"
+"Bind to _loop.py's state and to the cffi core's fa_poller_wait (its\n"
+"address as an int) and the backend's poll_list.");
+
+static int
+set_ref(PyObject **slot, PyObject *v)
+{
+    PyObject *old = *slot;
+    if (v == NULL)
+        return -1;
+    *slot = v;
+    Py_XDECREF(old);
+    return 0;
+}
+
+static PyObject *
+getattr_s(PyObject *o, const char *name)
+{
+    return PyObject_GetAttrString(o, name);
+}
+
+static PyObject *
+cloop_configure(PyObject *self, PyObject *args)
+{
+    PyObject *mod, *addr, *poll_list;
+    void *w;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOO:configure", &mod, &addr, &poll_list))
+        return NULL;
+    w = PyLong_AsVoidPtr(addr);
+    if (w == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "wait_addr must not be 0");
+        return NULL;
+    }
+    if (set_ref(&g_ExitNow, getattr_s(mod, "ExitNow")) < 0 ||
+        set_ref(&g_disconnected, getattr_s(mod, "DISCONNECTED")) < 0 ||
+        set_ref(&g_states, getattr_s(mod, "_states")) < 0 ||
+        set_ref(&g_prepare, getattr_s(mod, "_prepare")) < 0 ||
+        set_ref(&g_poll_once, getattr_s(mod, "poll_once")) < 0 ||
+        set_ref(&g_timeout_ms, getattr_s(mod, "_timeout_ms")) < 0 ||
+        set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||
+        set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0)
+        return NULL;
+    Py_INCREF(poll_list);
+    if (set_ref(&g_poll_list, poll_list) < 0)
+        return NULL;
+    if (!PyDict_Check(g_states) || !PyDict_Check(g_loopdict)) {
+        PyErr_SetString(PyExc_TypeError, "_loop._states must be a dict");
+        return NULL;
+    }
+    g_wait = (fa_wait_fn)w;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef cloop_methods[] = {
+    {"run", cloop_run, METH_VARARGS, run_doc},
+    {"configure", cloop_configure, METH_VARARGS, configure_doc},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef cloop_module = {
+    PyModuleDef_HEAD_INIT, "fastasyncore._cloop",
+    "fastasyncore's loop iterations in C (see csrc/fa_cloop.c).", -1,
+    cloop_methods, NULL, NULL, NULL, NULL
+};
+
+#define INTERN(field, str) \
+    if ((S.field = PyUnicode_InternFromString(str)) == NULL) return NULL
+
+PyMODINIT_FUNC
+PyInit__cloop(void)
+{
+    INTERN(handle_read_event, "handle_read_event");
+    INTERN(handle_write_event, "handle_write_event");
+    INTERN(handle_expt_event, "handle_expt_event");
+    INTERN(handle_close, "handle_close");
+    INTERN(handle_error, "handle_error");
+    INTERN(fa_mask, "_fa_mask");
+    INTERN(fa_regmask, "_fa_regmask");
+    INTERN(errno_, "errno");
+    INTERN(thread, "thread");
+    INTERN(map, "map");
+    INTERN(poller, "poller");
+    INTERN(pending, "pending");
+    INTERN(full, "full");
+    INTERN(owner, "owner");
+    INTERN(consulted, "consulted");
+    INTERN(batch, "batch");
+    INTERN(mask, "mask");
+    INTERN(suspended, "suspended");
+    INTERN(iters, "iters");
+    INTERN(adapt_at, "adapt_at");
+    INTERN(lock, "_lock");
+    INTERN(closed, "closed");
+    INTERN(p_pending, "_pending");
+    INTERN(reg, "_reg");
+    INTERN(addr, "addr");
+    INTERN(freed, "_freed");
+    INTERN(free_after_close, "_free_after_close");
+    INTERN(acquire, "acquire");
+    INTERN(release, "release");
+    INTERN(force_mode, "_force_mode");
+    INTERN(wait, "wait");
+    return PyModule_Create(&cloop_module);
+}
