@@ -85,6 +85,40 @@ def test_tiny_micro_benchmarks(tmp_path):
     assert "micro_sendbuf" in proc.stdout and "### Targets" in proc.stdout
 
 
+def test_tiny_busy_maps(tmp_path):
+    """The in-process busy small map rows: one worker per run, tiny counts."""
+    out = tmp_path / "busy.json"
+    proc = _bench(tmp_path, "--only", "busy", "--impls",
+                  "fastasyncore-cffi,fastasyncore-cffi-pyloop,fastasyncore-pure",
+                  "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "### In-process busy small maps" in proc.stdout
+    doc = json.loads(out.read_text())
+    ids = ["spin", "pp_docs_1", "pp_docs_100", "pp_dws_1", "pp_dws_100"]
+    assert sorted(doc["meta"]["busy"]["counts"]) == sorted(ids)
+    cells = {(c["workload"], c["impl"]): c for c in doc["busy"]}
+    for wid in ids:
+        assert "| %s |" % wid in proc.stdout
+        for impl in ("fastasyncore-pure", "fastasyncore-pure-poll"):
+            c = cells[(wid, impl)]
+            assert not c.get("error"), c
+            assert c["n"] == 1 and c["cpu_per_unit"] > 0 and c["throughput"] > 0
+            assert c["mode"] == ("poll" if impl.endswith("-poll") else "select")
+    runs = [r for r in doc["runs"] if r.get("kind") == "busy"]
+    assert runs and all(not r.get("error") and r["units"] > 0 for r in runs), runs
+    # the rows' environment: backend from the name, the Python loop for -pyloop
+    for r in runs:
+        info = r["loop_info"]
+        if r["impl"].startswith("fastasyncore-"):
+            assert info["FASTASYNCORE_BACKEND"] == r["impl"].split("-")[1]
+            assert info["FASTASYNCORE_LOOP"] == ("py" if "-pyloop" in r["impl"] else None)
+    again = subprocess.run([sys.executable, "-m", "fastasyncore", "bench", "--replot", str(out)],
+                           cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "### In-process busy small maps" in again.stdout and "| pp_dws_100 |" in again.stdout
+
+
 def test_unknown_workload_is_an_error(tmp_path):
     proc = _bench(tmp_path, "--only", "W9_nonsense")
     assert proc.returncode != 0

@@ -320,7 +320,8 @@ def build_parser():
     p = sub.add_parser(
         "bench", help="benchmarks against stdlib asyncore, asyncio, uvloop and C",
         description="Loopback benchmarks (performance.md workloads W1-W4, async_chat, "
-                    "issue-3 micro-benchmarks): fastasyncore's backends beside stdlib "
+                    "issue-3 micro-benchmarks, in-process busy small maps: spin, "
+                    "pp_docs_*, pp_dws_*): fastasyncore's backends beside stdlib "
                     "asyncore/asynchat, asyncio, uvloop and a C epoll floor, pinned to "
                     "different CPUs. Progress on stderr, a markdown table on stdout.")
     from ._bench import runner as _bench_runner

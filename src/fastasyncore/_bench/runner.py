@@ -10,6 +10,11 @@ flagged as disturbed when other processes used more than 10% of either pinned
 CPU during its window; disturbed runs are retried and, when enough clean runs
 exist, left out of the median.
 
+The "busy small map" workloads (spin, pp_*) need no load generator: one
+worker process per run produces and consumes every event inside one socket
+map (socketpairs), pinned to one CPU, and measures its own CPU time
+(time.process_time()) over a fixed number of units after a warm-up.
+
 Every run is bounded: loopback only, ports chosen by the kernel, subprocess
 timeouts, servers stop on stdin EOF or their own deadline, and only processes
 started here are ever killed.
@@ -35,6 +40,13 @@ SERVER_IMPLS = ["fastasyncore-cffi", "fastasyncore-pure", "asyncore-select", "as
 STDLIB = ("asyncore-select", "asyncore-poll")
 MICRO_IMPLS = ["asyncore-poll", "asyncore-select", "fastasyncore-pure", "fastasyncore-pure-poll",
                "fastasyncore-cffi", "fastasyncore-cffi-poll"]
+# busy small maps: each implementation in select mode and in poll mode (-poll);
+# -pyloop: the C backend with the Python loop (FASTASYNCORE_LOOP=py)
+BUSY_IMPLS = ["asyncore-select", "asyncore-poll",
+              "fastasyncore-cffi", "fastasyncore-cffi-poll",
+              "fastasyncore-cffi-pyloop", "fastasyncore-cffi-pyloop-poll",
+              "fastasyncore-pure", "fastasyncore-pure-poll"]
+BUSY_UNITS = {"spin": "CPU µs/iteration", "pp": "CPU µs/message"}
 
 # metric kinds: "req" -> req/s and CPU s per 100k requests; "bulk" -> MB/s and
 # CPU s per GB; "mib" -> MiB/s of input and CPU ms per MiB.
@@ -65,9 +77,17 @@ WORKLOADS = [
     ("micro_idle", "micro", dict(which="idle")),
     ("micro_sendbuf", "micro", dict(which="sendbuf")),
     ("micro_chat", "micro", dict(which="chat")),
+    # in-process busy small maps; count: measured units (loop iterations for
+    # spin, 64-byte messages delivered for pp_*), after count/10 of warm-up
+    ("spin", "busy", dict(which="spin", pairs=0, count=100000)),
+    ("pp_docs_1", "busy", dict(which="pp_docs", pairs=1, count=40000)),
+    ("pp_docs_100", "busy", dict(which="pp_docs", pairs=100, count=100000)),
+    ("pp_dws_1", "busy", dict(which="pp_dws", pairs=1, count=40000)),
+    ("pp_dws_100", "busy", dict(which="pp_dws", pairs=100, count=100000)),
 ]
+BUSY = [w[0] for w in WORKLOADS if w[1] == "busy"]
 QUICK = ["W1_c100", "W2_echo_c8", "W3_idle10000", "W4_client", "chat_lines", "chat_flood",
-         "micro_idle", "micro_sendbuf", "micro_chat"]
+         "micro_idle", "micro_sendbuf", "micro_chat"] + BUSY
 
 
 class Progress:
@@ -180,6 +200,11 @@ def child_env(impl):
         env["FASTASYNCORE_BACKEND"] = impl.split("-")[1]
     else:
         env["FASTASYNCORE_BACKEND"] = "auto"
+    # A row's name says which loop it runs: -pyloop rows the Python loop, the
+    # others the default (a FASTASYNCORE_LOOP set by the caller is not passed on).
+    env.pop("FASTASYNCORE_LOOP", None)
+    if impl and "-pyloop" in impl:
+        env["FASTASYNCORE_LOOP"] = "py"
     return env
 
 
@@ -549,7 +574,7 @@ def server_table(cells, order, stdlib_label):
                  "(median) | µs/iter | × stdlib | CPU × stdlib | × uvloop | runs |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for wid, kind, spec in order:
-        if kind == "micro":
+        if kind not in ("server", "client"):
             continue
         tunit, cunit = UNITS[spec["metric"]]
         for (w, impl, var), s in cells.items():
@@ -586,7 +611,7 @@ def compact_table(cells, order, stdlib_label):
     lines = ["| workload | unit | " + " | ".join(head) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for wid, kind, spec in order:
-        if kind == "micro":
+        if kind not in ("server", "client"):
             continue
         variants = []
         for (w, impl, var) in cells:
@@ -675,6 +700,204 @@ def micro_tables(micro, stdlib_label):
                                                     v, fmt_ratio(r)))
         out.append("")
     return "\n".join(out)
+
+
+def busy_unit(spec):
+    return BUSY_UNITS["spin" if spec["which"] == "spin" else "pp"]
+
+
+def busy_best_std(busy, wid):
+    """The stdlib mode (select or poll) with the lower median CPU per unit."""
+    cands = [busy.get((wid, i)) for i in STDLIB]
+    cands = [c for c in cands if c and not c.get("error") and c.get("cpu_per_unit")]
+    return min(cands, key=lambda c: c["cpu_per_unit"], default=None)
+
+
+def busy_same_mode(impl, other):
+    """``other``'s row in the loop mode of ``impl`` (select or poll)."""
+    poll = impl.endswith("-poll")
+    if other == "asyncore":
+        return "asyncore-poll" if poll else "asyncore-select"
+    return other + ("-poll" if poll else "")
+
+
+def _busy_base(impl):
+    if impl in STDLIB:
+        return impl
+    return impl[:-5] if impl.endswith("-poll") else impl
+
+
+def busy_tables(busy, order, stdlib_label):
+    """Markdown for the busy small map workloads (empty string when none ran)."""
+    wids = [(w, spec) for w, kind, spec in order if kind == "busy"
+            and any(k[0] == w for k in busy)]
+    if not wids:
+        return ""
+    out = []
+    std_name = stdlib_label if stdlib_label and stdlib_label != "stdlib" else "stdlib"
+    out.append("### In-process busy small maps")
+    out.append("")
+    out.append("One process per run, pinned to one CPU, produces and consumes every event "
+               "in one socket map (socketpairs; no load generator). CPU is "
+               "`time.process_time()` over a fixed count after a warm-up of a tenth of it; "
+               "each cell is the median (min–max) of its runs. spin: one `dispatcher` with "
+               "the stock `readable()`/`writable()` (`handle_write` does nothing), "
+               "`loop(timeout=0)`, per iteration. pp_docs_N: 64-byte ping-pong over N "
+               "socketpairs, both ends in the map, the asyncore docs' channel (`writable()` "
+               "→ `bool(self.buffer)`, `handle_read` `recv(8192)`s and queues the reply); "
+               "pp_dws_N: the same with `dispatcher_with_send` (no predicate overridden, "
+               "replies with `send()`); per message delivered (a round trip is 2 messages). "
+               "Rows ending in -poll run `loop(use_poll=True)`, the others "
+               "`loop(use_poll=False)`; -pyloop: the C backend with the Python loop "
+               "(`FASTASYNCORE_LOOP=py`). CPU × %s: against the cheaper of %s select and "
+               "poll (per cell median), and against the same mode; cffi vs pure: "
+               "pure's CPU ÷ this row's, same mode (> 1: the C backend is cheaper)."
+               % (std_name, std_name))
+    out.append("")
+    out.append("Median CPU per unit (in brackets: × the cheaper %s mode):" % std_name)
+    out.append("")
+    cols = [i for i in BUSY_IMPLS if any(k[1] == i for k in busy)]
+    out.append("| workload | unit | " + " | ".join(row_label(c, "", stdlib_label)
+                                                    for c in cols) + " |")
+    out.append("|---|---|" + "---:|" * len(cols))
+    for wid, spec in wids:
+        std = busy_best_std(busy, wid)
+        row = []
+        for c in cols:
+            s = busy.get((wid, c))
+            if s is None:
+                row.append("")
+            elif s.get("error"):
+                row.append("error")
+            else:
+                r = ratio(s["cpu_per_unit"], std["cpu_per_unit"]) if std else None
+                row.append("%s%s" % (fmt_num(s["cpu_per_unit"]),
+                                     " (%s)" % fmt_ratio(r) if r is not None else ""))
+        out.append("| %s | %s | %s |" % (wid, busy_unit(spec), " | ".join(row)))
+    out.append("")
+    out.append("Every cell (loop: the `use_poll` mode, and for fastasyncore the loop that "
+               "ran, C or Python, where the package reports it):")
+    out.append("")
+    out.append("| workload | implementation | loop | CPU µs per unit: median (min–max) "
+               "| CPU × %s | CPU × %s same mode | cffi vs pure | units/s (wall) | µs/iter "
+               "| runs |" % (std_name, std_name))
+    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for wid, spec in wids:
+        std = busy_best_std(busy, wid)
+        for impl in BUSY_IMPLS:
+            s = busy.get((wid, impl))
+            if s is None:
+                continue
+            label = row_label(_busy_base(impl), "", stdlib_label)
+            mode = "poll" if impl.endswith("-poll") else "select"
+            if s.get("loop_impl") and impl.startswith("fastasyncore"):
+                mode += ", %s loop" % {"c": "C", "py": "Python"}.get(s["loop_impl"],
+                                                                     s["loop_impl"])
+            if s.get("error"):
+                out.append("| %s | %s | %s | %s | | | | | | |" % (wid, label, mode, s["error"]))
+                continue
+            same = busy.get((wid, busy_same_mode(impl, "asyncore")))
+            r_best = ratio(s["cpu_per_unit"], std["cpu_per_unit"]) if std else None
+            r_same = (ratio(s["cpu_per_unit"], same["cpu_per_unit"])
+                      if same and not same.get("error") else None)
+            cvp = None
+            if impl.startswith("fastasyncore-cffi"):
+                pure = busy.get((wid, busy_same_mode(impl, "fastasyncore-pure")))
+                if pure and not pure.get("error"):
+                    cvp = ratio(pure["cpu_per_unit"], s["cpu_per_unit"])
+            runs = "%d" % s["n"]
+            if s["disturbed"]:
+                runs += " (%d disturbed%s)" % (s["disturbed"],
+                                               ", kept" if s["used_disturbed"] else "")
+            out.append("| %s | %s | %s | %s (%s–%s) | %s | %s | %s | %s | %s | %s |" % (
+                wid, label, mode, fmt_num(s["cpu_per_unit"]), fmt_num(s["cpu_min"]),
+                fmt_num(s["cpu_max"]),
+                fmt_ratio(r_best), fmt_ratio(r_same), fmt_ratio(cvp),
+                fmt_num(s["throughput"]), fmt_num(s.get("us_per_iter")), runs))
+    out.append("")
+    return "\n".join(out)
+
+
+def busy_run(ctx, wid, spec, impl, scale):
+    """One run of a busy small map workload: its own worker process, pinned."""
+    run = {"workload": wid, "impl": impl, "variant": "", "kind": "busy"}
+    count = max(10, int(spec["count"] * scale))
+    argv = [sys.executable, "-m", "fastasyncore._bench.worker", "busy", "--impl", impl,
+            "--which", spec["which"], "--pairs", str(spec["pairs"] or 1),
+            "--count", str(count), "--warmup", str(max(2, count // 10)),
+            "--timeout", "60"]
+    res, err = run_json(argv, child_env(impl), ctx.cpus[0], 120, ctx.workdir)
+    if res is None:
+        run["error"] = err
+        return run
+    run.update(res)
+    run["throughput"] = res["units_per_s"]
+    run["cpu_per_unit"] = res["cpu_us_per_unit"]
+    run["us_per_iter"] = res["cpu_us_per_iter"]
+    run["disturbed"] = res.get("other_load") is not None and res["other_load"] > DISTURBED_SHARE
+    if res.get("errors"):
+        run["error"] = "%d channel error(s): %s" % (res["errors"], res.get("first_error"))
+    return run
+
+
+def busy_impls(available, wanted, std_ok):
+    """The busy rows to run: stdlib (both modes) always when available, as the reference."""
+    out = []
+    for impl in BUSY_IMPLS:
+        if impl in STDLIB:
+            if std_ok:
+                out.append(impl)
+            continue
+        base = _busy_base(impl)
+        if "cffi" in impl and not available.get("fastasyncore-cffi"):
+            continue
+        if wanted is not None and impl not in wanted and base not in wanted:
+            continue
+        out.append(impl)
+    return out
+
+
+def run_busy(ctx, workloads, impls, runs, retries, scale, progress):
+    """Every busy cell; runs go round-robin over the implementations, so drift
+    during the invocation touches every row alike.  -> (runs, {(wid, impl): summary})."""
+    all_runs, cells = [], {}
+    for wid, kind, spec in workloads:
+        if kind != "busy":
+            continue
+        progress("[%s] in-process busy map: %s" % (wid, ", ".join(impls)))
+        per = {impl: [] for impl in impls}
+        extra = {impl: 0 for impl in impls}
+        failed = set()
+        rnd = 0
+        while True:
+            todo = [i for i in impls if i not in failed and
+                    len(per[i]) < runs + extra[i]]
+            if not todo:
+                break
+            rnd += 1
+            for impl in todo:
+                r = busy_run(ctx, wid, spec, impl, scale)
+                r["run"] = len(per[impl]) + 1
+                per[impl].append(r)
+                all_runs.append(r)
+                if r.get("error"):
+                    progress("[%s] %s: %s" % (wid, impl, r["error"]))
+                    failed.add(impl)
+                elif r.get("disturbed"):
+                    progress("[%s] %s run %d disturbed (other load %.0f%%)" % (
+                        wid, impl, r["run"], 100 * r["other_load"]))
+                    if extra[impl] < retries:
+                        extra[impl] += 1
+            progress("[%s] round %d of %d: %s" % (
+                wid, rnd, runs, ", ".join("%s %s" % (i, fmt_num(per[i][-1].get("cpu_per_unit")))
+                                          for i in todo)))
+        for impl in impls:
+            cells[(wid, impl)] = summarize_cell(per[impl])
+            loops = sorted({r["loop_info"]["loop"] for r in per[impl]
+                            if (r.get("loop_info") or {}).get("loop")})
+            if loops:
+                cells[(wid, impl)]["loop_impl"] = "/".join(loops)
+    return all_runs, cells
 
 
 # --------------------------------------------------------------------------
@@ -870,7 +1093,7 @@ def plot(cells, order, path, title):
         return "matplotlib is not installed: no chart (pip install 'fastasyncore[bench]')"
     groups = []
     for wid, kind, spec in order:
-        if kind == "micro":
+        if kind not in ("server", "client"):
             continue
         variants = [var for (w, impl, var) in cells if w == wid and var != "plain"]
         if any(variants):
@@ -923,6 +1146,9 @@ def select_workloads(only, quick):
         want = [x.strip() for x in only.split(",") if x.strip()]
         chosen = []
         for w in want:
+            if w == "busy":
+                chosen += [b for b in BUSY if b not in chosen]
+                continue
             hits = [i for i in ids if i == w or i.startswith(w + "_") or
                     (w.endswith("*") and i.startswith(w[:-1]))]
             if not hits:
@@ -941,10 +1167,16 @@ def build_parser(parser=None):
     p.add_argument("--quick", action="store_true",
                    help="a subset, 1 run per cell, short windows (about a minute)")
     p.add_argument("--only", metavar="IDS",
-                   help="comma-separated workload ids or prefixes (W1, W3_idle10000, micro, ...)")
+                   help="comma-separated workload ids or prefixes (W1, W3_idle10000, micro, "
+                        "pp, busy = %s, ...)" % ",".join(BUSY))
     p.add_argument("--impls", metavar="NAMES",
                    help="comma-separated implementations (default: all available): "
-                        + ", ".join(SERVER_IMPLS))
+                        + ", ".join(SERVER_IMPLS) + "; busy-map rows also: "
+                        + ", ".join(i for i in BUSY_IMPLS if i not in SERVER_IMPLS)
+                        + " (a fastasyncore name selects both its loop modes; the stdlib "
+                        "rows of the busy maps always run, as the reference)")
+    p.add_argument("--busy-scale", type=float, default=None,
+                   help="multiply the busy-map workloads' counts (default 1, quick 0.3)")
     p.add_argument("--json", metavar="FILE", help="write every run and the summaries as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a chart (needs matplotlib)")
     p.add_argument("--runs", type=int, help="measured runs per cell (default 3, quick 1)")
@@ -977,7 +1209,8 @@ def _git_commit():
     return p.stdout.strip() or None if p.returncode == 0 else None
 
 
-def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress):
+def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress,
+           busy=None):
     """Markdown report on out; chart and JSON when asked."""
     report = []
     title = "fastasyncore %s, %s, %s, %s" % (meta["fastasyncore"], meta["python"],
@@ -1010,6 +1243,9 @@ def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out,
     mt = micro_tables(micro, std_label)
     if mt:
         report.append(mt)
+    bt = busy_tables(busy or {}, workloads, std_label)
+    if bt:
+        report.append(bt)
     targets = evaluate_targets(cells, micro)
     if targets:
         report.append("### Targets")
@@ -1030,6 +1266,8 @@ def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out,
                "cells": [dict(workload=w, impl=i, variant=v, **s)
                          for (w, i, v), s in cells.items()],
                "micro": micro,
+               "busy": [dict(workload=w, impl=i, mode="poll" if i.endswith("-poll") else
+                             "select", **s) for (w, i), s in (busy or {}).items()],
                "targets": [dict(target=t, verdict=v, measured=d) for t, v, d in targets]}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
@@ -1045,7 +1283,12 @@ def replot(args, out=sys.stdout):
         c = dict(c)
         key = (c.pop("workload"), c.pop("impl"), c.pop("variant"))
         cells[key] = c
-    present = {k[0] for k in cells} | set(doc.get("micro", {}))
+    busy = {}
+    for c in doc.get("busy", []):
+        c = dict(c)
+        c.pop("mode", None)
+        busy[(c.pop("workload"), c.pop("impl"))] = c
+    present = {k[0] for k in cells} | set(doc.get("micro", {})) | {k[0] for k in busy}
     workloads = [w for w in WORKLOADS if w[0] in present]
     meta = doc["meta"]
     meta.setdefault("runs_per_cell", 0)
@@ -1053,7 +1296,7 @@ def replot(args, out=sys.stdout):
         raise SystemExit("bench: --json must not overwrite the --replot input")
     render(meta, doc.get("notes", []), doc.get("runs", []), cells, doc.get("micro", {}),
            workloads, meta.get("stdlib_asyncore") or "stdlib", args, out,
-           Progress(quiet=args.quiet))
+           Progress(quiet=args.quiet), busy=busy)
     return 0
 
 
@@ -1096,8 +1339,11 @@ def run(args, out=sys.stdout):
         }
         if ctx.cpus[0] is None:
             notes.append("fewer than 2 CPUs available: server and load generator are not pinned")
-        ctx.fabench, msg = build_c(workdir, progress)
-        if ctx.fabench is None:
+        if any(kind in ("server", "client") for _, kind, _ in workloads):
+            ctx.fabench, msg = build_c(workdir, progress)
+        else:       # micro-benchmarks and busy maps need no load generator
+            ctx.fabench, msg = None, None
+        if ctx.fabench is None and msg:
             notes.append(msg + "; the socket workloads (W1-W4, chat_*) need it and are "
                          "skipped, the micro-benchmarks still run")
         std_ok, std_label = have_stdlib_asyncore()
@@ -1117,10 +1363,11 @@ def run(args, out=sys.stdout):
         wanted = None
         if args.impls:
             wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
-            bad = [x for x in wanted if x not in SERVER_IMPLS]
+            known = SERVER_IMPLS + [i for i in BUSY_IMPLS if i not in SERVER_IMPLS]
+            bad = [x for x in wanted if x not in known]
             if bad:
                 raise SystemExit("bench: unknown implementation(s) %s; known: %s"
-                                 % (", ".join(bad), ", ".join(SERVER_IMPLS)))
+                                 % (", ".join(bad), ", ".join(known)))
         if args.tiny and wanted is None:
             wanted = ["fastasyncore-cffi" if available["fastasyncore-cffi"]
                       else "fastasyncore-pure"]
@@ -1132,6 +1379,8 @@ def run(args, out=sys.stdout):
         cells = {}
         micro = {}
         for wid, kind, spec in workloads:
+            if kind == "busy":
+                continue
             if kind == "micro":
                 which = spec["which"]
                 mimpls = [m for m in MICRO_IMPLS if
@@ -1216,9 +1465,34 @@ def run(args, out=sys.stdout):
                             extra += 1
                 cells[(wid, impl, var)] = summarize_cell(cell_runs)
 
+        busy = {}
+        if any(kind == "busy" for _, kind, _ in workloads):
+            bimpls = busy_impls(available, wanted, std_ok)
+            scale = args.busy_scale or (0.02 if args.tiny else 0.3 if quick else 1.0)
+            bruns = 1 if args.tiny else max(3, runs)
+            meta["busy"] = {"runs_per_cell": bruns, "scale": scale,
+                            "counts": {w: max(10, int(spec["count"] * scale))
+                                       for w, kind, spec in workloads if kind == "busy"}}
+            if "FASTASYNCORE_LOOP" in os.environ:
+                notes.append("FASTASYNCORE_LOOP=%s from the environment is not passed on: "
+                             "fastasyncore rows run the default loop, -pyloop rows "
+                             "FASTASYNCORE_LOOP=py" % os.environ["FASTASYNCORE_LOOP"])
+            if any("-pyloop" in i for i in bimpls):
+                notes.append("-pyloop rows set FASTASYNCORE_LOOP=py; a fastasyncore without "
+                             "that switch ignores it (those rows then run the default loop)")
+            bres, busy = run_busy(ctx, workloads, bimpls, bruns, 0 if args.tiny else 2,
+                                  scale, progress)
+            all_runs += bres
+            odd = sorted({"%s (%s)" % (i, s_["loop_impl"]) for (w, i), s_ in busy.items()
+                          if "-pyloop" in i and s_.get("loop_impl") not in (None, "py")})
+            if odd:
+                notes.append("FASTASYNCORE_LOOP=py did not give the Python loop: %s"
+                             % ", ".join(odd))
+
         meta["commit"] = _git_commit()
-        render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress)
-        return 0 if cells or micro else 1
+        render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out, progress,
+               busy=busy)
+        return 0 if cells or micro or busy else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -12,7 +12,13 @@ Implementations (``--impl``):
   mode; ``fastasyncore-cffi-poll`` / ``fastasyncore-pure-poll`` with use_poll=True;
 * ``asyncore-select`` / ``asyncore-poll``: the stdlib modules (3.11 and older,
   or pyasyncore/pyasynchat on 3.12+ when installed);
-* ``asyncio`` / ``uvloop``: Protocol-based equivalents.
+* ``asyncio`` / ``uvloop``: Protocol-based equivalents;
+* ``fastasyncore-cffi-pyloop`` (``-poll``): the C backend with the Python loop
+  (the runner sets ``FASTASYNCORE_LOOP=py``; versions without that switch
+  ignore it).
+
+``busy`` runs one in-process "busy small map" workload (spin, pp_docs, pp_dws):
+every event is produced and consumed inside one socket map of this process.
 """
 
 import argparse
@@ -800,6 +806,229 @@ def cmd_micro(args):
 
 
 # --------------------------------------------------------------------------
+# In-process busy small maps: one process, one socket map, no load generator
+
+BUSY_MSG = 64
+
+
+def _busy_classes(asyncore, which, state):
+    """The channel class of a busy workload (spin, pp_docs, pp_dws)."""
+
+    def note_error(obj):
+        state["errors"] += 1
+        if state["first_error"] is None:
+            state["first_error"] = repr(sys.exc_info()[1])
+        obj.close()
+
+    if which == "spin":
+        class Spin(asyncore.dispatcher):
+            """Stock readable()/writable(): always writable, never anything to read."""
+
+            def handle_read(self):
+                self.recv(8192)
+
+            def handle_write(self):
+                pass
+
+            def handle_close(self):
+                state["closed"] += 1
+                self.close()
+
+            def handle_error(self):
+                note_error(self)
+
+        return Spin
+
+    if which == "pp_docs":
+        class Docs(asyncore.dispatcher):
+            """The asyncore docs' pattern: self.buffer, writable() overridden."""
+
+            def __init__(self, sock, map):
+                asyncore.dispatcher.__init__(self, sock, map=map)
+                self.buffer = b""
+
+            def writable(self):
+                return bool(self.buffer)
+
+            def handle_write(self):
+                sent = self.send(self.buffer)
+                self.buffer = self.buffer[sent:]
+
+            def handle_read(self):
+                data = self.recv(8192)
+                if data:
+                    state["bytes"] += len(data)
+                    self.buffer += data          # the reply: the message back
+
+            def handle_close(self):
+                state["closed"] += 1
+                self.close()
+
+            def handle_error(self):
+                note_error(self)
+
+        return Docs
+
+    if which == "pp_dws":
+        class Dws(asyncore.dispatcher_with_send):
+            """dispatcher_with_send, no predicate overridden; replies via send()."""
+
+            def handle_read(self):
+                data = self.recv(8192)
+                if data:
+                    state["bytes"] += len(data)
+                    self.send(data)
+
+            def handle_close(self):
+                state["closed"] += 1
+                self.close()
+
+            def handle_error(self):
+                note_error(self)
+
+        return Dws
+    raise ValueError("unknown busy workload %r" % which)
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_busy(cpu):
+    """user+nice+system+steal ticks of one CPU (None if unknown); as runner.cpu_busy,
+    copied to keep the runner module out of the measured processes."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu%d " % cpu):
+                    v = [int(x) for x in line.split()[1:9]]
+                    return v[0] + v[1] + v[2] + v[7]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _loop_info():
+    """What this process runs for the fastasyncore loop (best effort, for the record)."""
+    info = {"FASTASYNCORE_BACKEND": os.environ.get("FASTASYNCORE_BACKEND"),
+            "FASTASYNCORE_LOOP": os.environ.get("FASTASYNCORE_LOOP")}
+    mod = sys.modules.get("fastasyncore")
+    if mod is not None:
+        info["backend"] = getattr(mod, "BACKEND", None)
+        # fastasyncore._loop.loop_impl() -> "c" | "py" where the C loop exists
+        fn = getattr(sys.modules.get("fastasyncore._loop"), "loop_impl", None)
+        if callable(fn):
+            try:
+                info["loop"] = str(fn())
+            except Exception as exc:        # best effort: only for the record
+                info["loop"] = "? (%s)" % exc
+    return info
+
+
+def busy_run(impl, which, pairs, count, warmup, deadline):
+    """One measured run; -> result dict.  fastasyncore's backend and loop come from
+    the environment the runner set, as for every worker.  The unit is one loop
+    iteration (spin) or one 64-byte message delivered to a channel (pp_*: two
+    messages per round trip)."""
+    asyncore, _, use_poll = asyncore_impl(impl)
+    state = {"errors": 0, "first_error": None, "closed": 0, "bytes": 0}
+    cls = _busy_classes(asyncore, which, state)
+    chan_map = {}
+    socks = []
+    loop = asyncore.loop
+    monotonic = time.monotonic
+    iters = [0]
+    try:
+        if which == "spin":
+            a, b = socket.socketpair()
+            socks += [a, b]
+            cls(a, map=chan_map)          # b stays open and silent, outside the map
+            chunk = 1000
+
+            def units():
+                return iters[0]
+        else:
+            starters = []
+            for _ in range(pairs):
+                a, b = socket.socketpair()
+                socks += [a, b]
+                starters.append(cls(a, map=chan_map))
+                cls(b, map=chan_map)
+            msg = b"m" * BUSY_MSG
+            for ch in starters:         # one side starts; every message is answered
+                if which == "pp_docs":
+                    ch.buffer = msg
+                else:
+                    ch.send(msg)
+            # a message takes 1 (dws) or 2 (docs) iterations per pair: 50-100
+            # messages per chunk of loop(count=...)
+            chunk = max(4, 100 // pairs)
+
+            def units():
+                return state["bytes"] // BUSY_MSG
+
+        def run_until(target):
+            while units() < target:
+                if monotonic() > deadline:
+                    raise SystemExit("busy %s %s: deadline passed" % (which, impl))
+                if state["errors"] or state["closed"] or not chan_map:
+                    raise SystemExit("busy %s %s: a channel failed or closed: %s" % (
+                        which, impl, state["first_error"]))
+                # pp_*: something is always ready; the timeout only bounds a stall
+                loop(timeout=0 if which == "spin" else 0.05, use_poll=use_poll,
+                     map=chan_map, count=chunk)
+                iters[0] += chunk
+
+        run_until(warmup)
+        u0, i0 = units(), iters[0]
+        cpu_id = None
+        try:
+            aff = os.sched_getaffinity(0)
+            if len(aff) == 1:
+                cpu_id = next(iter(aff))
+        except (AttributeError, OSError):
+            pass
+        busy0 = _cpu_busy(cpu_id) if cpu_id is not None else None
+        la0 = os.getloadavg()[0]
+        c0, w0 = time.process_time(), time.perf_counter()
+        run_until(u0 + count)
+        c1, w1 = time.process_time(), time.perf_counter()
+        busy1 = _cpu_busy(cpu_id) if cpu_id is not None else None
+        n, its = units() - u0, iters[0] - i0
+        cpu, wall = c1 - c0, w1 - w0
+        other = None
+        if busy0 is not None and busy1 is not None and wall > 0:
+            # /proc/stat counts in ticks: allow 2 ticks of rounding
+            other = max(0.0, ((busy1 - busy0 - 2) / _HZ - cpu) / wall)
+        return {"ok": True, "workload": which, "impl": impl, "use_poll": use_poll,
+                "pairs": pairs if which != "spin" else 0, "channels": len(chan_map),
+                "units": n, "iterations": its, "cpu_s": cpu, "wall_s": wall,
+                "cpu_us_per_unit": cpu / n * 1e6 if n else None,
+                "cpu_us_per_iter": cpu / its * 1e6 if its else None,
+                "units_per_s": n / wall if wall > 0 else None,
+                "other_load": other, "cpu": cpu_id,
+                "loadavg_before": la0, "loadavg_after": os.getloadavg()[0],
+                "errors": state["errors"], "first_error": state["first_error"],
+                "loop_info": _loop_info()}
+    finally:
+        try:
+            asyncore.close_all(map=chan_map)
+        except OSError:
+            pass
+        for s_ in socks:
+            s_.close()
+
+
+def cmd_busy(args):
+    deadline = time.monotonic() + args.timeout
+    try:
+        res = busy_run(args.impl, args.which, args.pairs, args.count, args.warmup, deadline)
+    except SystemExit as exc:
+        res = {"ok": False, "error": str(exc)}
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0 if res.get("ok") else 1
+
+
+# --------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m fastasyncore._bench.worker")
@@ -829,6 +1058,15 @@ def main(argv=None):
     s.add_argument("--lines-kib", type=int, default=4096)
     s.add_argument("--timeout", type=float, default=300.0)
     s.set_defaults(func=cmd_micro)
+    s = sub.add_parser("busy", help="one in-process busy small map workload")
+    s.add_argument("--impl", required=True)
+    s.add_argument("--which", required=True, choices=["spin", "pp_docs", "pp_dws"])
+    s.add_argument("--pairs", type=int, default=1, help="socketpairs (pp_*)")
+    s.add_argument("--count", type=int, required=True,
+                   help="measured units: loop iterations (spin) or messages (pp_*)")
+    s.add_argument("--warmup", type=int, default=0, help="units before the measurement")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_busy)
     args = p.parse_args(argv)
     return args.func(args)
 
