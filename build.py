@@ -95,6 +95,8 @@ else:
                        int timeout_ms, int *out, size_t maxout, size_t *napplied);
     int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
                         size_t *napplied);
+    int fa_poll_once(const int *fds, size_t n, int timeout_ms, int *out,
+                     size_t maxout);
 
     ssize_t fa_send(int fd, const char *buf, size_t len);
     ssize_t fa_recv(int fd, char *buf, size_t len);

@@ -41,6 +41,7 @@
 
 typedef int (*fa_wait_fn)(fa_poller *, const int *, size_t, int, int *,
                           size_t, size_t *);
+typedef int (*fa_poll_fn)(const int *, size_t, int, int *, size_t);
 
 #define CLOSE_BITS (FA_POLLHUP | FA_POLLERR | FA_POLLNVAL)
 #define LOCAL_PAIRS 64          /* events kept on the stack; more: PyMem */
@@ -53,13 +54,16 @@ static struct {
         *thread, *map, *poller, *pending, *full, *owner, *consulted, *batch,
         *mask, *suspended, *iters, *adapt_at, *lock, *closed, *p_pending,
         *reg, *addr, *freed, *free_after_close, *acquire, *release,
-        *force_mode, *wait;
+        *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
+        *set_mask, *accepting, *readable, *writable, *nchg;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
-    *g_poll_once, *g_timeout_ms, *g_forget_map, *g_poll_list, *g_loopdict;
-static fa_wait_fn g_wait;
+    *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
+    *g_sleep;
+static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
+static fa_poll_fn g_poll;      /* the core's fa_poll_once */
 
 /* ------------------------------------------------------------------------ */
 /* small helpers */
@@ -189,6 +193,7 @@ typedef struct {
     PyObject *poller;             /* the poller the fields below belong to */
     PyObject *acquire, *release, *p_pending, *reg;
     fa_poller *p;
+    int ran_python;               /* the last iteration called a handler */
 } loopst;
 
 static void
@@ -731,9 +736,17 @@ wait_cffi(loopst *c, PyObject *poller, long ms, evbuf *b)
     if (tmo > 0)
         deadline = monotonic() + tmo / 1000.0;
     for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        n = g_wait(c->p, chg, nchg, tmo, b->pairs, (size_t)b->cap, &napplied);
-        Py_END_ALLOW_THREADS
+        if (tmo == 0 && c->ran_python) {
+            /* Not blocking, and the handlers of the last iteration ran
+             * Python code, which hands the GIL over when another thread
+             * asks for it (the eval loop's drop request): no release
+             * needed for fairness, and it costs ~5% of an iteration. */
+            n = g_wait(c->p, chg, nchg, tmo, b->pairs, (size_t)b->cap, &napplied);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            n = g_wait(c->p, chg, nchg, tmo, b->pairs, (size_t)b->cap, &napplied);
+            Py_END_ALLOW_THREADS
+        }
         if (n >= 0)
             break;
         if (nchg) {
@@ -797,86 +810,361 @@ failed_after:
     return -1;
 }
 
+/* The stateless poll(2) over st.mask (poll_list() in C), for a busy map
+ * whose interests change every iteration (adapt() chose it).  EINTR as in
+ * wait_cffi (PEP 475).  0 or -1. */
+static int
+wait_stateless(loopst *c, long ms, evbuf *b)
+{
+    Py_ssize_t n = PyDict_Size(c->mask), pos = 0, k = 0;
+    int local[2 * LOCAL_PAIRS], *fds = local, tmo, r, rc = -1;
+    PyObject *key, *val;
+    double deadline = 0.0;
+
+    if (n > LOCAL_PAIRS) {
+        if ((size_t)n > (size_t)PY_SSIZE_T_MAX / (2 * sizeof(int)) ||
+            !(fds = PyMem_Malloc((size_t)n * 2 * sizeof(int)))) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    /* no call into Python while iterating */
+    while (k < n && PyDict_Next(c->mask, &pos, &key, &val)) {
+        long f = PyLong_AsLong(key), e = PyLong_AsLong(val);
+        if ((f == -1 || e == -1) && PyErr_Occurred())
+            goto out;
+        if (f < 0 || f > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "bad fd %ld in the interest set", f);
+            goto out;
+        }
+        fds[2 * k] = (int)f;
+        fds[2 * k + 1] = (int)e;
+        k++;
+    }
+    if (evbuf_reserve(b, k > LOCAL_PAIRS ? k : LOCAL_PAIRS) < 0)
+        goto out;
+    tmo = ms < 0 ? -1 : (ms > INT_MAX ? INT_MAX : (int)ms);
+    if (tmo > 0)
+        deadline = monotonic() + tmo / 1000.0;
+    for (;;) {
+        if (tmo == 0 && c->ran_python) {      /* see wait_cffi */
+            r = g_poll(fds, (size_t)k, tmo, b->pairs, (size_t)b->cap);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            r = g_poll(fds, (size_t)k, tmo, b->pairs, (size_t)b->cap);
+            Py_END_ALLOW_THREADS
+        }
+        if (r >= 0)
+            break;
+        if (r != -EINTR) {
+            errno = -r;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto out;
+        }
+        if (PyErr_CheckSignals() < 0)
+            goto out;
+        if (tmo > 0) {
+            double left = deadline - monotonic();
+            if (left <= 0) {
+                r = 0;
+                break;
+            }
+            left = ceil(left * 1000.0);
+            tmo = left > INT_MAX ? INT_MAX : (int)left;
+        }
+    }
+    b->n = r;
+    rc = 0;
+out:
+    if (fds != local)
+        PyMem_Free(fds);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------ */
 /* one iteration */
 
-/* Has _prepare() nothing to do?  1 yes (then the iteration is counted),
- * 0 no, -1 error.  The conditions of _loop._prepare, in its order. */
+/* What this iteration's preparation needs (the conditions of
+ * _loop._prepare): PREP_NONE: go straight to the wait; PREP_LIGHT:
+ * reconcile/consult/flush, done here (reconcile() in Python); PREP_FULL:
+ * suspended fds, a full reconcile, adapt() or a pinned mode: _prepare(). */
+enum { PREP_NONE, PREP_LIGHT, PREP_FULL };
+
 static int
-nothing_to_prepare(loopst *c, PyObject *map)
+prep_kind(loopst *c, PyObject *map)
 {
     PyObject *fm;
     int t;
 
-    if (PyDict_Size(c->suspended) || PySet_Size(c->pending) ||
-        PyDict_Size(c->owner) != PyDict_Size(map) ||
-        PyDict_Size(c->consulted) || PyDict_Size(c->batch) ||
-        !PyDict_Size(c->mask))
-        return 0;
-    if (c->iters + c->citers + 1 >= c->adapt_at)
-        return 0;
+    if (PyDict_Size(c->suspended) || c->iters + c->citers + 1 >= c->adapt_at)
+        return PREP_FULL;
     if ((t = attr_true(c->st, S.full)) != 0)
-        return t < 0 ? -1 : 0;
+        return t < 0 ? -1 : PREP_FULL;
     fm = PyDict_GetItemWithError(g_loopdict, S.force_mode);
     if (fm == NULL ? PyErr_Occurred() != NULL : fm != Py_None)
-        return fm == NULL ? -1 : 0;
+        return fm == NULL ? -1 : PREP_FULL;
+    if (PySet_Size(c->pending) || PyDict_Size(c->owner) != PyDict_Size(map) ||
+        PyDict_Size(c->consulted) || PyDict_Size(c->batch) ||
+        !PyDict_Size(c->mask))
+        return PREP_LIGHT;
+    return PREP_NONE;
+}
+
+static int
+reconcile_if_needed(loopst *c, PyObject *map)
+{
+    PyObject *r;
+    if (!PySet_Size(c->pending) && PyDict_Size(c->owner) == PyDict_Size(map))
+        return 0;
+    r = call0(c->st, S.reconcile);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* One consulted channel's answer as poll bits (MapState.consult). */
+static int
+ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
+{
+    PyObject *r;
+    int t = 1;
+    if (call_r == Py_True) {
+        if (!(r = call0(obj, S.readable)))
+            return -1;
+        t = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (t < 0)
+            return -1;
+    }
+    *m = t ? (FA_POLLIN | FA_POLLPRI) : 0;
+    t = 1;
+    if (call_w == Py_True) {
+        if (!(r = call0(obj, S.writable)))
+            return -1;
+        t = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (t < 0)
+            return -1;
+    }
+    if (t) {
+        *m |= extra;                    /* select(): r-or-w go in xlist too */
+        if (!(r = PyObject_GetAttr(obj, S.accepting)))
+            return -1;
+        t = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (t < 0)
+            return -1;
+        if (!t)
+            *m |= FA_POLLOUT;
+    }
+    return 0;
+}
+
+/* MapState.consult()'s plain loop: ask the channels that override a
+ * predicate, in map order, as 3.11 does; record changed answers. */
+static int
+consult(loopst *c, int select_mode)
+{
+    PyObject *snap, *cprev;
+    Py_ssize_t i, n;
+    int extra = select_mode ? FA_POLLPRI : 0, rc = -1;
+
+    if (!(snap = PyObject_GetAttr(c->st, S.csnap)))
+        return -1;
+    if (snap == Py_None) {
+        Py_DECREF(snap);
+        if (!(snap = call0(c->st, S.snapshot)))
+            return -1;
+    }
+    if (!PyTuple_Check(snap)) {
+        PyErr_SetString(PyExc_TypeError, "MapState.csnap must be a tuple");
+        goto out;
+    }
+    /* consult()'s vectorized pass compares with the answers it saw last;
+     * the answers asked here make those stale */
+    if (!(cprev = PyObject_GetAttr(c->st, S.cprev)))
+        goto out;
+    Py_DECREF(cprev);
+    if (cprev != Py_None && PyObject_SetAttr(c->st, S.cprev, Py_None) < 0)
+        goto out;
+    n = PyTuple_Size(snap);
+    for (i = 0; i < n; i++) {
+        /* borrowed from snap, which we hold */
+        PyObject *e = PyTuple_GetItem(snap, i), *fd, *obj, *mv;
+        long m, cur;
+        int s;
+        if (e == NULL || !PyTuple_Check(e) || PyTuple_Size(e) != 4) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "bad consulted entry");
+            goto out;
+        }
+        fd = PyTuple_GetItem(e, 0);
+        obj = PyTuple_GetItem(e, 1);
+        if (ask(obj, PyTuple_GetItem(e, 2), PyTuple_GetItem(e, 3), extra, &m) < 0)
+            goto out;
+        if (PyDict_Size(c->suspended)) {
+            if ((s = PyDict_Contains(c->suspended, fd)) < 0)
+                goto out;
+            if (s)
+                m = 0;
+        }
+        mv = PyDict_GetItemWithError(c->mask, fd);
+        if (mv == NULL && PyErr_Occurred())
+            goto out;
+        cur = mv ? PyLong_AsLong(mv) : 0;
+        if (cur == -1 && PyErr_Occurred())
+            goto out;
+        if (cur == m)
+            continue;
+        if (cur && m) {
+            PyObject *v = PyLong_FromLong(m);
+            s = v ? PyDict_SetItem(c->mask, fd, v) : -1;
+            if (s == 0)
+                s = PyDict_SetItem(c->batch, fd, v);
+            Py_XDECREF(v);
+            if (s < 0)
+                goto out;
+        } else {
+            /* a first registration or a removal: _set_mask() validates the
+             * key and applies it at once -- unless an earlier answer closed
+             * this channel */
+            PyObject *o = PyDict_GetItemWithError(c->owner, fd), *v, *r;
+            if (o == NULL && PyErr_Occurred())
+                goto out;
+            if (o != obj)
+                continue;
+            if (!(v = PyLong_FromLong(m)))
+                goto out;
+            r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, v, NULL);
+            Py_DECREF(v);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    rc = 0;
+out:
+    Py_DECREF(snap);
+    return rc;
+}
+
+/* MapState.flush(): hand the batched interest changes to the poller (its
+ * update(): _pending and _reg). */
+static int
+flush(loopst *c)
+{
+    Py_ssize_t n = PyDict_Size(c->batch);
+    PyObject *poller, *v;
+    long nchg;
+    int rc = -1;
+    if (n == 0)
+        return 0;
+    if (attr_long(c->st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + n)))
+        return -1;
+    rc = PyObject_SetAttr(c->st, S.nchg, v);
+    Py_DECREF(v);
+    if (rc < 0 || !(poller = PyObject_GetAttr(c->st, S.poller)))
+        return -1;
+    rc = 0;
+    if (poller != Py_None) {
+        if ((poller != c->poller && poller_take(c, poller) < 0) ||
+            PyDict_Update(c->p_pending, c->batch) < 0 ||
+            PyDict_Update(c->reg, c->batch) < 0)
+            rc = -1;
+    }
+    Py_DECREF(poller);
+    if (rc == 0)
+        PyDict_Clear(c->batch);
+    return rc;
+}
+
+static int
+timeout_ms(PyObject *timeout, PyObject *mode, long *ms_cache)
+{
+    PyObject *r;
+    if (*ms_cache != LONG_MIN)
+        return 0;
+    r = PyObject_CallFunctionObjArgs(g_timeout_ms, timeout, mode, NULL);
+    if (r == NULL)
+        return -1;
+    *ms_cache = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (*ms_cache == -1 && PyErr_Occurred()) {
+        *ms_cache = LONG_MIN;
+        return -1;
+    }
+    return 0;
+}
+
+/* _loop._prepare for PREP_NONE/PREP_LIGHT.  -> 0 with *ms set, DONE when the
+ * iteration is over (select mode, nothing to wait on: it slept), -1. */
+static int
+prepare(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
+        long *ms_cache, long *ms)
+{
+    PyObject *mode = select_mode ? Py_True : Py_False, *r;
+    int kind = prep_kind(c, map);
+
+    if (kind < 0)
+        return -1;
+    if (kind == PREP_FULL) {
+        if (flush_iters(c) < 0)
+            return -1;
+        r = PyObject_CallFunctionObjArgs(g_prepare, c->st, map, timeout, mode, NULL);
+        if (r == NULL)
+            return -1;
+        *ms = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if ((*ms == -1 && PyErr_Occurred()) || read_iters(c) < 0)
+            return -1;
+        return *ms == DONE ? DONE : 0;
+    }
+    if (kind == PREP_LIGHT) {
+        if (reconcile_if_needed(c, map) < 0)
+            return -1;
+        if (PyDict_Size(c->consulted) &&
+            (consult(c, select_mode) < 0 || reconcile_if_needed(c, map) < 0))
+            return -1;
+        if (flush(c) < 0)
+            return -1;
+    }
+    if (timeout_ms(timeout, mode, ms_cache) < 0)
+        return -1;
+    *ms = *ms_cache;
+    if (select_mode && !PyDict_Size(c->mask)) {
+        /* 3.11's select() of empty lists: time.sleep(timeout) */
+        r = PyObject_CallFunctionObjArgs(g_sleep, timeout, NULL);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return DONE;
+    }
     c->citers++;
-    return 1;
+    return 0;
 }
 
 static int
 iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
           long *ms_cache)
 {
-    PyObject *poller, *r, *mode = select_mode ? Py_True : Py_False;
+    PyObject *poller;
     evbuf b;
     long ms;
     int rc = -1, fast;
 
     b.pairs = NULL;
     b.n = 0;
-    fast = nothing_to_prepare(c, map);
+    fast = prepare(c, map, timeout, select_mode, ms_cache, &ms);
+    if (fast == DONE)
+        return 0;
     if (fast < 0)
         return -1;
-    if (fast) {
-        if (*ms_cache == LONG_MIN) {
-            r = PyObject_CallFunctionObjArgs(g_timeout_ms, timeout, mode, NULL);
-            if (r == NULL)
-                return -1;
-            *ms_cache = PyLong_AsLong(r);
-            Py_DECREF(r);
-            if (*ms_cache == -1 && PyErr_Occurred()) {
-                *ms_cache = LONG_MIN;
-                return -1;
-            }
-        }
-        ms = *ms_cache;
-    } else {
-        if (flush_iters(c) < 0)
-            return -1;
-        r = PyObject_CallFunctionObjArgs(g_prepare, c->st, map, timeout, mode, NULL);
-        if (r == NULL)
-            return -1;
-        ms = PyLong_AsLong(r);
-        Py_DECREF(r);
-        if ((ms == -1 && PyErr_Occurred()) || read_iters(c) < 0)
-            return -1;
-        if (ms == DONE)
-            return 0;
-    }
     poller = PyObject_GetAttr(c->st, S.poller);
     if (poller == NULL)
         return -1;
     if (poller == Py_None) {
-        /* the stateless poll(2) of a busy, fast-changing map (adapt()) */
-        PyObject *lst, *msv = PyLong_FromLong(ms);
-        lst = msv ? PyObject_CallFunctionObjArgs(g_poll_list, c->mask, msv, NULL) : NULL;
-        Py_XDECREF(msv);
-        if (lst == NULL)
-            goto out;
-        fast = evbuf_from_list(&b, lst);
-        Py_DECREF(lst);
-        if (fast < 0)
+        if (wait_stateless(c, ms, &b) < 0)
             goto out;
     } else {
         int w = wait_cffi(c, poller, ms, &b);
@@ -896,6 +1184,7 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
                 goto out;
         }
     }
+    c->ran_python = b.n > 0;
     if (b.n > 0) {
         if ((select_mode ? dispatch_select(c, map, &b) : dispatch_poll(c, map, &b)) < 0)
             goto out;
@@ -1005,9 +1294,9 @@ done:
 }
 
 PyDoc_STRVAR(configure_doc,
-"configure(loop_module, wait_addr, poll_list) -> None\n\n"
-"Bind to _loop.py's state and to the cffi core's fa_poller_wait (its\n"
-"address as an int) and the backend's poll_list.");
+"configure(loop_module, wait_addr, poll_addr) -> None\n\n"
+"Bind to _loop.py's state and to the cffi core's fa_poller_wait and\n"
+"fa_poll_once (their addresses as ints).");
 
 static int
 set_ref(PyObject **slot, PyObject *v)
@@ -1029,15 +1318,16 @@ getattr_s(PyObject *o, const char *name)
 static PyObject *
 cloop_configure(PyObject *self, PyObject *args)
 {
-    PyObject *mod, *addr, *poll_list;
-    void *w;
+    PyObject *mod, *addr, *paddr;
+    void *w, *pl;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOO:configure", &mod, &addr, &poll_list))
+    if (!PyArg_ParseTuple(args, "OOO:configure", &mod, &addr, &paddr))
         return NULL;
     w = PyLong_AsVoidPtr(addr);
-    if (w == NULL) {
+    pl = w ? PyLong_AsVoidPtr(paddr) : NULL;
+    if (w == NULL || pl == NULL) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "wait_addr must not be 0");
+            PyErr_SetString(PyExc_ValueError, "the core's addresses must not be 0");
         return NULL;
     }
     if (set_ref(&g_ExitNow, getattr_s(mod, "ExitNow")) < 0 ||
@@ -1047,16 +1337,15 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_poll_once, getattr_s(mod, "poll_once")) < 0 ||
         set_ref(&g_timeout_ms, getattr_s(mod, "_timeout_ms")) < 0 ||
         set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||
-        set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0)
-        return NULL;
-    Py_INCREF(poll_list);
-    if (set_ref(&g_poll_list, poll_list) < 0)
+        set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0 ||
+        set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0)
         return NULL;
     if (!PyDict_Check(g_states) || !PyDict_Check(g_loopdict)) {
         PyErr_SetString(PyExc_TypeError, "_loop._states must be a dict");
         return NULL;
     }
     g_wait = (fa_wait_fn)w;
+    g_poll = (fa_poll_fn)pl;
     Py_RETURN_NONE;
 }
 
@@ -1109,5 +1398,14 @@ PyInit__cloop(void)
     INTERN(release, "release");
     INTERN(force_mode, "_force_mode");
     INTERN(wait, "wait");
+    INTERN(csnap, "csnap");
+    INTERN(cprev, "cprev");
+    INTERN(snapshot, "snapshot");
+    INTERN(reconcile, "reconcile");
+    INTERN(set_mask, "_set_mask");
+    INTERN(accepting, "accepting");
+    INTERN(readable, "readable");
+    INTERN(writable, "writable");
+    INTERN(nchg, "nchg");
     return PyModule_Create(&cloop_module);
 }

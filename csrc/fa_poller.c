@@ -697,3 +697,46 @@ int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
         return poll_do_wait(p, timeout_ms, out, maxout);
     }
 }
+
+/* ---- the stateless poll ------------------------------------------------ */
+
+/* Used by the C loop (fa_cloop.c, through a function pointer) when a busy
+ * map changes most interests every iteration: then one poll(2) over the
+ * whole interest set beats one epoll_ctl() per change (_loop.adapt()).
+ * Small sets use a stack array: no allocation per iteration. */
+int fa_poll_once(const int *fds, size_t n, int timeout_ms, int *out,
+                 size_t maxout)
+{
+    struct pollfd local[64], *pf = local;
+    size_t i, k = 0;
+    int r;
+
+    if (n > (size_t)INT_MAX || (n && (fds == NULL || (maxout && out == NULL))))
+        return -EINVAL;
+    if (n > sizeof(local) / sizeof(local[0])) {
+        pf = malloc(n * sizeof(*pf));
+        if (pf == NULL)
+            return -ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        pf[i].fd = fds[2 * i];
+        pf[i].events = (short)(fds[2 * i + 1] & (POLLIN | POLLPRI | POLLOUT));
+        pf[i].revents = 0;
+    }
+    r = poll(pf, (nfds_t)n, timeout_ms < 0 ? -1 : timeout_ms);
+    if (r < 0) {
+        r = -errno;
+    } else {
+        for (i = 0; i < n && k < maxout; i++) {
+            if (pf[i].revents) {
+                out[2 * k] = pf[i].fd;
+                out[2 * k + 1] = pf[i].revents;
+                k++;
+            }
+        }
+        r = (int)k;
+    }
+    if (pf != local)
+        free(pf);
+    return r;
+}

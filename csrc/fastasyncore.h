@@ -64,6 +64,17 @@ int fa_poller_wait(fa_poller *p, const int *changes, size_t nchanges,
 int fa_poller_apply(fa_poller *p, const int *changes, size_t nchanges,
                     size_t *napplied);
 
+/*
+ * A stateless poll(2): one call over the (fd, events) pairs in
+ * fds[0..2*n) (what asyncore 3.11's poll2 does every iteration), writing up
+ * to `maxout` (fd, revents) pairs of ready fds to out[0..2*maxout). Returns
+ * the number of pairs, or -errno; -EINTR is returned as is (the caller runs
+ * its signal handlers and retries with the remaining time). Negative fds are
+ * ignored by the kernel, as poll(2) documents.
+ */
+int fa_poll_once(const int *fds, size_t n, int timeout_ms, int *out,
+                 size_t maxout);
+
 /* ---- plain fd I/O ------------------------------------------------------ */
 /* One send(2)/recv(2)/sendmsg(2); bytes transferred or -errno. */
 ssize_t fa_send(int fd, const char *buf, size_t len);

@@ -57,6 +57,8 @@ _monotonic = _time.monotonic
 #: The address of fa_poller_wait, for the C loop (fastasyncore._cloop calls
 #: the core through it: one copy of the poller code, one ABI).
 WAIT_ADDR: int = int(ffi.cast("uintptr_t", ffi.addressof(lib, "fa_poller_wait")))
+#: ... and of fa_poll_once, its stateless poll(2).
+POLL_ADDR: int = int(ffi.cast("uintptr_t", ffi.addressof(lib, "fa_poll_once")))
 
 
 def _check_fd(fd: int) -> int:

@@ -386,13 +386,19 @@ class MapState:
                         self._set_mask(fd, new)
                 obj._fa_regmask = new
 
-    def consult(self, select_mode: bool) -> None:
-        """Ask consulted channels, as 3.11 does, and record changed answers."""
+    def snapshot(self) -> Tuple[Any, ...]:
+        """The consulted channels as a tuple, in map order (cached)."""
         snap = self.csnap
         if snap is None:
             snap = self.csnap = tuple(self.consulted.values())
             self.cvec = _vectorize(snap)
             self.cprev = None
+        return snap
+
+    def consult(self, select_mode: bool) -> None:
+        """Ask consulted channels, as 3.11 does, and record changed answers.
+        (fa_cloop.c's consult() is the plain loop below, in C.)"""
+        snap = self.snapshot()
         vec = self.cvec
         if vec is not None and self.cvec_on and not self.suspended:
             if self._consult_vec(vec, select_mode) * 4 > len(vec[1]):
@@ -670,7 +676,7 @@ def _resolve_crun(backend: Any) -> Any:
                               "(fastasyncore._cloop) is not available: %s" % exc) from exc
         return None
     _cloop.configure(__import__(__name__, fromlist=["_"]), backend.WAIT_ADDR,
-                     backend.poll_list)
+                     backend.POLL_ADDR)
     return _cloop.run
 
 
@@ -722,6 +728,12 @@ def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) 
 
 
 _DONE = -2   # _prepare(): the iteration is over (it slept: nothing to wait on)
+
+
+def _sleep(seconds: Any) -> None:
+    # fa_cloop.c's select() of empty lists (time.sleep looked up at call time)
+    time.sleep(seconds)
+
 
 
 def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
