@@ -1039,3 +1039,64 @@ def test_sendqueue_copies_mutable_buffers(be):
     q.push(memoryview(ba))
     ba[:5] = b"YYYYY"
     assert q.peek(5) == b"xxxxx"
+
+
+# ---- fa_poll_once: the C loop's stateless poll(2) ------------------------------
+
+def _core_or_skip():
+    try:
+        from fastasyncore._core import ffi, lib
+    except ImportError as exc:
+        if os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1":
+            pytest.fail("the C core is required: %s" % exc)
+        pytest.skip("the C core (fastasyncore._core) is not built: %s" % exc)
+    return ffi, lib
+
+
+def test_fa_poll_once_reports_ready_fds_only():
+    ffi, lib = _core_or_skip()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        b.send(b"x")                       # a readable; c idle
+        fds = ffi.new("int[]", [a.fileno(), lib.FA_POLLIN, c.fileno(), lib.FA_POLLIN])
+        out = ffi.new("int[]", 4)
+        n = lib.fa_poll_once(fds, 2, 0, out, 2)
+        assert n == 1 and (out[0], out[1]) == (a.fileno(), lib.FA_POLLIN)
+        # writable interest on c is reported; maxout caps the pairs written
+        fds[3] = lib.FA_POLLOUT
+        assert lib.fa_poll_once(fds, 2, 0, out, 1) == 1
+        assert lib.fa_poll_once(fds, 2, 0, out, 2) == 2
+        assert (out[2], out[3]) == (c.fileno(), lib.FA_POLLOUT)
+        # a closed fd: POLLNVAL, as poll(2) (and select.poll) report it
+        fd = c.fileno()
+        c.close()
+        fds[2], fds[3] = fd, lib.FA_POLLIN
+        n = lib.fa_poll_once(fds, 2, 0, out, 2)
+        assert (fd, lib.FA_POLLNVAL) in [(out[2 * i], out[2 * i + 1]) for i in range(n)]
+        # nothing to watch: waits the timeout, returns 0
+        t0 = time.monotonic()
+        assert lib.fa_poll_once(ffi.NULL, 0, 30, out, 2) == 0
+        assert time.monotonic() - t0 >= 0.02
+    finally:
+        for s in (a, b, d):
+            s.close()
+
+
+def test_fa_poll_once_many_fds_heap_path():
+    ffi, lib = _core_or_skip()
+    pairs = [socket.socketpair() for _ in range(100)]   # > the 64-entry stack array
+    try:
+        for _, w in pairs[::2]:
+            w.send(b"x")
+        flat = []
+        for r, _ in pairs:
+            flat += [r.fileno(), lib.FA_POLLIN]
+        fds = ffi.new("int[]", flat)
+        out = ffi.new("int[]", 200)
+        n = lib.fa_poll_once(fds, 100, 0, out, 100)
+        assert sorted(out[2 * i] for i in range(n)) == sorted(r.fileno() for r, _ in pairs[::2])
+    finally:
+        for r, w in pairs:
+            r.close()
+            w.close()
