@@ -55,7 +55,7 @@ static struct {
         *mask, *suspended, *iters, *adapt_at, *lock, *closed, *p_pending,
         *reg, *addr, *freed, *free_after_close, *acquire, *release,
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
-        *set_mask, *accepting, *readable, *writable, *nchg;
+        *set_mask, *accepting, *readable, *writable, *nchg, *nev;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -190,6 +190,7 @@ typedef struct {
     PyObject *owner, *mask, *pending, *consulted, *batch, *suspended;
     long iters, adapt_at;         /* st.iters when read, st.adapt_at */
     long citers;                  /* iterations counted here, not yet in st */
+    long cev;                     /* ... and events (st.nev, for adapt()) */
     PyObject *poller;             /* the poller the fields below belong to */
     PyObject *acquire, *release, *p_pending, *reg;
     fa_poller *p;
@@ -257,6 +258,15 @@ flush_iters(loopst *c)
     PyObject *v;
     long now;
     int r;
+    if (c->cev) {
+        if (attr_long(c->st, S.nev, &now) < 0 || !(v = PyLong_FromLong(now + c->cev)))
+            return -1;
+        r = PyObject_SetAttr(c->st, S.nev, v);
+        Py_DECREF(v);
+        c->cev = 0;
+        if (r < 0)
+            return -1;
+    }
     if (!c->citers)
         return 0;
     if (attr_long(c->st, S.iters, &now) < 0)
@@ -1185,6 +1195,7 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
         }
     }
     c->ran_python = b.n > 0;
+    c->cev += (long)b.n;
     if (b.n > 0) {
         if ((select_mode ? dispatch_select(c, map, &b) : dispatch_poll(c, map, &b)) < 0)
             goto out;
@@ -1407,5 +1418,6 @@ PyInit__cloop(void)
     INTERN(readable, "readable");
     INTERN(writable, "writable");
     INTERN(nchg, "nchg");
+    INTERN(nev, "nev");
     return PyModule_Create(&cloop_module);
 }
