@@ -61,7 +61,7 @@ static struct {
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
-    *g_sleep;
+    *g_sleep, *g_state;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
 static fa_poll_fn g_poll;      /* the core's fa_poll_once */
 
@@ -373,7 +373,7 @@ is_disconnect(PyObject *exc)
 static int
 route(PyObject *obj, int rw)
 {
-    PyObject *t, *v, *tb, *ot, *ov, *otb, *name = S.handle_error, *r;
+    PyObject *t, *v, *tb, *ot, *ov, *otb, *name = S.handle_error, *r = NULL;
     int oserr = rw && PyErr_ExceptionMatches(PyExc_OSError);
 
     /* 3.11: `except OSError` comes first in readwrite(); ExitNow and
@@ -387,23 +387,23 @@ route(PyObject *obj, int rw)
     PyErr_NormalizeException(&t, &v, &tb);
     if (tb != NULL && v != NULL)
         PyException_SetTraceback(v, tb);
+    Py_XINCREF(v);
+    /* From here on we are "in the except block": handle_error() reads
+     * sys.exc_info() (compact_traceback), and an exception raised here --
+     * by the errno lookup, or by the handler -- gets this one as its
+     * __context__, as in Python.  The outer one is put back afterwards. */
+    PyErr_GetExcInfo(&ot, &ov, &otb);
+    PyErr_SetExcInfo(t, v, tb);                 /* steals t, v, tb */
     if (oserr) {
-        int d = is_disconnect(v);
-        if (d < 0) {
-            Py_XDECREF(t);
-            Py_XDECREF(v);
-            Py_XDECREF(tb);
-            return -1;
-        }
+        int d = is_disconnect(v);               /* e.errno in DISCONNECTED */
+        if (d < 0)
+            goto out;
         if (d)
             name = S.handle_close;
     }
-    /* handle_error() reads sys.exc_info() (compact_traceback): install the
-     * exception as the one being handled, as an `except:` block does, and
-     * put the outer one back afterwards. */
-    PyErr_GetExcInfo(&ot, &ov, &otb);
-    PyErr_SetExcInfo(t, v, tb);                 /* steals t, v, tb */
     r = call0(obj, name);
+out:
+    Py_XDECREF(v);
     PyErr_SetExcInfo(ot, ov, otb);              /* steals */
     if (r == NULL)
         return -1;
@@ -1236,10 +1236,13 @@ cloop_run(PyObject *self, PyObject *args)
         return NULL;
     }
     if (count != Py_None) {
-        left = PyLong_AsLongLong(count);
+        int overflow;
+        left = PyLong_AsLongLongAndOverflow(count, &overflow);
         if (left == -1 && PyErr_Occurred())
             return NULL;
-        if (left <= 0)
+        if (overflow > 0)
+            left = -1;    /* > 2**63 iterations: as good as `until empty` */
+        else if (overflow < 0 || left <= 0)
             Py_RETURN_NONE;
     }
     me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
@@ -1255,8 +1258,19 @@ cloop_run(PyObject *self, PyObject *args)
         if (PyErr_CheckSignals() < 0)
             goto fail;
         st = PyDict_GetItemWithError(g_states, mapid);
-        if (st == NULL && PyErr_Occurred())
-            goto fail;
+        if (st == NULL) {
+            /* a map's first iteration: _state() makes its MapState */
+            PyObject *r;
+            if (PyErr_Occurred())
+                goto fail;
+            r = PyObject_CallFunctionObjArgs(g_state, map, NULL);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+            st = PyDict_GetItemWithError(g_states, mapid);
+            if (st == NULL && PyErr_Occurred())
+                goto fail;
+        }
         if (st != c.st) {
             /* first iteration, or the state was dropped (fork, forget) */
             if (loopst_release(&c, map) < 0)
@@ -1281,9 +1295,9 @@ cloop_run(PyObject *self, PyObject *args)
             if (iteration(&c, map, timeout, select_mode, &ms_cache) < 0)
                 goto fail;
         } else {
-            /* no state yet, or it is in use by an outer frame (a handler
-             * calling loop() on its own map) or another thread: the Python
-             * path runs the iteration (and raises the two-threads error) */
+            /* the state is in use by an outer frame (a handler calling
+             * loop() on its own map) or another thread: the Python path
+             * runs the iteration (and raises the two-threads error) */
             PyObject *r = PyObject_CallFunctionObjArgs(
                 g_poll_once, map, timeout, select_mode ? Py_True : Py_False, NULL);
             if (r == NULL)
@@ -1349,7 +1363,8 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_timeout_ms, getattr_s(mod, "_timeout_ms")) < 0 ||
         set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||
         set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0 ||
-        set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0)
+        set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
+        set_ref(&g_state, getattr_s(mod, "_state")) < 0)
         return NULL;
     if (!PyDict_Check(g_states) || !PyDict_Check(g_loopdict)) {
         PyErr_SetString(PyExc_TypeError, "_loop._states must be a dict");

@@ -133,3 +133,25 @@ def test_install_makes_import_asyncore_ours():
 def test_backend_and_poller_are_visible():
     assert fastasyncore.BACKEND in ("pure", "cffi")
     assert fastasyncore.POLLER in ("epoll", "kqueue", "poll", "select")
+
+
+def test_loop_is_visible_and_follows_backend_and_env():
+    from fastasyncore import _backend, _loop
+    expect = "c" if (_backend.current.NAME == "cffi" and _loop._loop_choice != "py") else "py"
+    try:
+        import fastasyncore._cloop  # noqa: F401
+    except ImportError:
+        expect = "py"
+    assert fastasyncore.LOOP == expect
+    # FASTASYNCORE_LOOP is read at import; bad values are refused there
+    r = run_py("import fastasyncore._loop", FASTASYNCORE_LOOP="fast")
+    assert r.returncode != 0 and "FASTASYNCORE_LOOP" in r.stderr
+    r = run_py("import fastasyncore; print(fastasyncore.LOOP)",
+               FASTASYNCORE_LOOP="py")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "py"
+    r = run_py("import fastasyncore; print(fastasyncore.LOOP)",
+               FASTASYNCORE_LOOP="py", FASTASYNCORE_BACKEND="pure")
+    assert r.stdout.strip() == "py"
+    with pytest.raises(ValueError):
+        _loop.set_loop("fast")

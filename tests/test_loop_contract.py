@@ -550,3 +550,47 @@ def test_same_map_from_two_threads_is_a_clear_error(backend):
         t.join(5)
         asyncore.close_all(map=m)
         peer.close()
+
+
+def test_handle_error_traceback_starts_where_the_loop_is(impl, use_poll):
+    """compact_traceback() inside handle_error(): the raising handler's frame is
+    the last entry everywhere; the first is the loop's own frame in 3.11
+    (asyncore.py's read()/write()/readwrite()) and in the Python loop
+    (_loop.py), and the handler path itself in the C loop, which has no
+    Python frame (docs/compatibility.md)."""
+    asyncore = impl.asyncore
+    m = {}
+    a, b = pair()
+    seen = []
+
+    class Boom(asyncore.dispatcher):
+        def writable(self):
+            return False
+
+        def handle_read(self):
+            raise ValueError("boom")
+
+        def handle_error(self):
+            nil, t, v, tbinfo = asyncore.compact_traceback()
+            seen.append((t, tbinfo))
+            self.close()
+
+    Boom(a, map=m)
+    b.send(b"x")
+    try:
+        asyncore.loop(timeout=1, use_poll=use_poll, map=m, count=3)
+    finally:
+        asyncore.close_all(map=m)
+        b.close()
+    assert len(seen) == 1
+    t, tbinfo = seen[0]
+    assert t is ValueError
+    assert tbinfo.endswith("handle_read|%d]" % (Boom.handle_read.__code__.co_firstlineno + 1))
+    first = tbinfo.split("]")[0]
+    from fastasyncore import _loop
+    if impl.name == "stdlib":
+        assert "asyncore" in first and ("|read|" in first or "|readwrite|" in first)
+    elif _loop.loop_impl() == "c":
+        assert "|handle_read_event|" in first          # ours, called from C
+    else:
+        assert "_loop" in first

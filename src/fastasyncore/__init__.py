@@ -8,7 +8,7 @@ import sys
 
 from . import _backend
 
-__all__ = ["BACKEND", "POLLER", "__version__", "install"]
+__all__ = ["BACKEND", "LOOP", "POLLER", "__version__", "install"]
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,10 @@ def __getattr__(name: str) -> str:
     if name == "POLLER":
         from . import _loop
         return _loop.poller_kind()
+    if name == "LOOP":
+        # "c": loop()/poll()/poll2() iterate in C (fastasyncore._cloop)
+        from . import _loop
+        return _loop.loop_impl()
     raise AttributeError("module 'fastasyncore' has no attribute %r" % name)
 
 
