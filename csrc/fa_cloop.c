@@ -55,15 +55,20 @@ static struct {
         *mask, *suspended, *iters, *adapt_at, *lock, *closed, *p_pending,
         *reg, *addr, *freed, *free_after_close, *acquire, *release,
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
-        *set_mask, *accepting, *readable, *writable, *nchg, *nev;
+        *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
+        *connected, *nbytes, *producer_fifo;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
-    *g_sleep, *g_state;
+    *g_sleep, *g_state, *g_cmasks;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
 static fa_poll_fn g_poll;      /* the core's fa_poll_once */
+/* _loop.forget_all() / fork: bumped by states_changed(), so a run() holding
+ * a MapState knows to look it up again (instead of a dict lookup per
+ * iteration: id(map) is a big int, ~140 instructions). */
+static unsigned long g_states_gen;
 
 /* ------------------------------------------------------------------------ */
 /* small helpers */
@@ -195,6 +200,8 @@ typedef struct {
     PyObject *acquire, *release, *p_pending, *reg;
     fa_poller *p;
     int ran_python;               /* the last iteration called a handler */
+    unsigned long gen;            /* g_states_gen when st was taken */
+    int check_full;               /* st.full may be set: read it */
 } loopst;
 
 static void
@@ -305,6 +312,8 @@ loopst_take(loopst *c, PyObject *st, PyObject *me)
     }
     if (read_iters(c) < 0)
         goto fail;
+    c->gen = g_states_gen;
+    c->check_full = 1;
     return 0;
 fail:
     return -1;           /* the caller runs loopst_release() */
@@ -411,26 +420,151 @@ out:
     return 0;
 }
 
+/* getattr(obj, name) is true?  1, 0, -1 */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int r;
+    if (v == NULL)
+        return -1;
+    r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Which of the library's _fa_mask functions a class has (_loop.C_MASKS):
+ * 1..3, -2 none, -1 error.  Cached per class, as _loop._class_cache caches
+ * the managed classification (a class whose _fa_mask is replaced after its
+ * channels were first polled keeps its kind; _loop.register_managed()
+ * clears the cache).  The cache holds its classes (no address reuse). */
+#define TCACHE 8
+static struct {
+    PyObject *tp;
+    long kind;
+} tcache[TCACHE];
+static int tcache_next;
+
+static void
+tcache_clear(void)
+{
+    int i;
+    for (i = 0; i < TCACHE; i++) {
+        Py_CLEAR(tcache[i].tp);
+        tcache[i].kind = 0;
+    }
+    tcache_next = 0;
+}
+
+static long
+type_kind(PyTypeObject *tp)
+{
+    PyObject *f, *k;
+    long kind;
+    int i;
+    for (i = 0; i < TCACHE; i++)
+        if (tcache[i].tp == (PyObject *)tp)
+            return tcache[i].kind;
+    f = PyObject_GetAttr((PyObject *)tp, S.fa_mask);
+    if (f == NULL) {
+        PyErr_Clear();             /* the call reports it, as in Python */
+        return -2;
+    }
+    k = PyDict_GetItemWithError(g_cmasks, f);
+    Py_DECREF(f);
+    if (k == NULL && PyErr_Occurred())
+        return -1;
+    kind = k == NULL ? -2 : PyLong_AsLong(k);
+    if (kind == -1 && PyErr_Occurred())
+        return -1;
+    i = tcache_next;
+    tcache_next = (tcache_next + 1) % TCACHE;
+    Py_XDECREF(tcache[i].tp);
+    Py_INCREF(tp);
+    tcache[i].tp = (PyObject *)tp;
+    tcache[i].kind = kind;
+    return kind;
+}
+
+/* obj._fa_mask() for the library's own three (_loop.C_MASKS): the same
+ * attribute reads in the same order as the Python methods, without the
+ * call (a Python frame costs more than the reads: ~1,000 instructions of a
+ * spinning iteration's 5,000).  -> the mask, -1 with an error, or -2:
+ * not one of ours (the caller calls _fa_mask()). */
+static long
+c_mask(PyObject *obj)
+{
+    PyObject *q;
+    long kind;
+    int t;
+
+    kind = type_kind(Py_TYPE(obj));
+    if (kind < 0)
+        return kind;
+    if ((t = attr_true(obj, S.accepting)) != 0)
+        return t < 0 ? -1 : (FA_POLLIN | FA_POLLPRI);
+    switch (kind) {
+    case 1:            /* dispatcher: READ if accepting else READ | OUT */
+        return FA_POLLIN | FA_POLLPRI | FA_POLLOUT;
+    case 2:            /* dispatcher_with_send */
+        if (!(q = PyObject_GetAttr(obj, S.fa_out)))
+            return -1;
+        if ((t = attr_true(obj, S.connected)) > 0 && q != Py_None) {
+            int more = attr_true(q, S.nbytes);
+            t = more < 0 ? -1 : !more;
+        }
+        Py_DECREF(q);
+        if (t < 0)
+            return -1;
+        return t ? (FA_POLLIN | FA_POLLPRI) : (FA_POLLIN | FA_POLLPRI | FA_POLLOUT);
+    case 3:            /* async_chat: OUT while producers wait or not connected */
+        if ((t = attr_true(obj, S.producer_fifo)) == 0)
+            t = attr_true(obj, S.connected) == 0 ? 1 : 0;   /* error -> below */
+        if (t < 0 || PyErr_Occurred())
+            return -1;
+        return t ? (FA_POLLIN | FA_POLLPRI | FA_POLLOUT) : (FA_POLLIN | FA_POLLPRI);
+    default:
+        return -2;
+    }
+}
+
 /* After a handler of a managed channel: did it change what readable()/
  * writable() would answer?  -> pending.add(fd).  (_loop._dispatch) */
 static int
 recheck(PyObject *consulted, PyObject *pending, PyObject *key, PyObject *obj)
 {
     PyObject *m, *rm;
+    long cm;
     int c = PyDict_Contains(consulted, key);
     if (c != 0)
         return c < 0 ? -1 : 0;
-    m = call0(obj, S.fa_mask);
-    if (m == NULL)
+    cm = c_mask(obj);
+    if (cm == -1)
         return -1;
-    rm = PyObject_GetAttr(obj, S.fa_regmask);
-    if (rm == NULL) {
+    if (cm == -2) {
+        /* not one of ours: call it, and compare as _loop._dispatch does */
+        if (!(m = call0(obj, S.fa_mask)))
+            return -1;
+        rm = PyObject_GetAttr(obj, S.fa_regmask);
+        if (rm == NULL) {
+            Py_DECREF(m);
+            return -1;
+        }
+        c = PyObject_RichCompareBool(m, rm, Py_NE);
         Py_DECREF(m);
-        return -1;
+        Py_DECREF(rm);
+    } else {
+        /* _fa_regmask: what reconcile() registered for it (an int) */
+        long r;
+        rm = PyObject_GetAttr(obj, S.fa_regmask);
+        if (rm == NULL)
+            return -1;
+        r = PyLong_Check(rm) ? PyLong_AsLong(rm) : -1;
+        Py_DECREF(rm);
+        if (r == -1 && PyErr_Occurred())
+            return -1;
+        c = r != cm;
     }
-    c = PyObject_RichCompareBool(m, rm, Py_NE);
-    Py_DECREF(m);
-    Py_DECREF(rm);
     if (c > 0)
         return PySet_Add(pending, key);
     return c;
@@ -672,18 +806,6 @@ out:
     return rc;
 }
 
-static int
-attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    int r;
-    if (v == NULL)
-        return -1;
-    r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
-
 /* Poller.wait(ms) on the C side: the same lock protocol, EINTR/deadline
  * handling (PEP 475) and error values.  0 with b filled, 1 when the poller is
  * busy or closed (the caller then calls Poller.wait() itself, which raises
@@ -908,8 +1030,13 @@ prep_kind(loopst *c, PyObject *map)
 
     if (PyDict_Size(c->suspended) || c->iters + c->citers + 1 >= c->adapt_at)
         return PREP_FULL;
-    if ((t = attr_true(c->st, S.full)) != 0)
-        return t < 0 ? -1 : PREP_FULL;
+    /* st.full is set by MapState() and by forget_map() (which tells us
+     * through states_changed()); reconcile() clears it */
+    if (c->check_full) {
+        if ((t = attr_true(c->st, S.full)) != 0)
+            return t < 0 ? -1 : PREP_FULL;
+        c->check_full = 0;
+    }
     fm = PyDict_GetItemWithError(g_loopdict, S.force_mode);
     if (fm == NULL ? PyErr_Occurred() != NULL : fm != Py_None)
         return fm == NULL ? -1 : PREP_FULL;
@@ -1257,7 +1384,15 @@ cloop_run(PyObject *self, PyObject *args)
          * must too (Ctrl-C in loop(timeout=0)) */
         if (PyErr_CheckSignals() < 0)
             goto fail;
-        st = PyDict_GetItemWithError(g_states, mapid);
+        if (c.st != NULL && c.gen == g_states_gen) {
+            st = c.st;            /* nothing dropped states since we took it */
+        } else {
+            st = PyDict_GetItemWithError(g_states, mapid);
+            if (st != NULL && st == c.st) {
+                c.gen = g_states_gen;
+                c.check_full = 1;  /* forget_map() may have set st.full */
+            }
+        }
         if (st == NULL) {
             /* a map's first iteration: _state() makes its MapState */
             PyObject *r;
@@ -1364,7 +1499,8 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||
         set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0 ||
         set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
-        set_ref(&g_state, getattr_s(mod, "_state")) < 0)
+        set_ref(&g_state, getattr_s(mod, "_state")) < 0 ||
+        set_ref(&g_cmasks, getattr_s(mod, "C_MASKS")) < 0)
         return NULL;
     if (!PyDict_Check(g_states) || !PyDict_Check(g_loopdict)) {
         PyErr_SetString(PyExc_TypeError, "_loop._states must be a dict");
@@ -1375,7 +1511,20 @@ cloop_configure(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+cloop_states_changed(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    g_states_gen++;
+    tcache_clear();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef cloop_methods[] = {
+    {"states_changed", cloop_states_changed, METH_NOARGS,
+     "states_changed() -> None\n\nMapStates were dropped (fork, forget_all) or "
+     "classes registered: run() looks its state up again."},
     {"run", cloop_run, METH_VARARGS, run_doc},
     {"configure", cloop_configure, METH_VARARGS, configure_doc},
     {NULL, NULL, 0, NULL}
@@ -1434,5 +1583,9 @@ PyInit__cloop(void)
     INTERN(writable, "writable");
     INTERN(nchg, "nchg");
     INTERN(nev, "nev");
+    INTERN(fa_out, "_fa_out");
+    INTERN(connected, "connected");
+    INTERN(nbytes, "nbytes");
+    INTERN(producer_fifo, "producer_fifo");
     return PyModule_Create(&cloop_module);
 }

@@ -474,7 +474,7 @@ class async_chat(asyncore.dispatcher):
         _touch(self)
 
 
-_loop.register_managed(async_chat)
+_loop.register_managed(async_chat, c_mask='async_chat')
 
 
 class simple_producer:

@@ -124,9 +124,8 @@ def poll(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if map:
-        run = _loop.c_run()
-        if run is not None and type(map) is dict:
-            run(map, timeout, True, 1)
+        if type(map) is dict:
+            (_loop.c_run() or _loop.run)(map, timeout, True, 1)
         else:
             _loop.poll_once(map, timeout, True)
 
@@ -136,15 +135,14 @@ def poll2(timeout=0.0, map=None):
     if map is None:
         map = socket_map
     if map:
-        run = _loop.c_run()
-        if run is not None and type(map) is dict:
-            run(map, timeout, False, 1)
+        if type(map) is dict:
+            (_loop.c_run() or _loop.run)(map, timeout, False, 1)
         else:
             _loop.poll_once(map, timeout, False)
 
 
 poll3 = poll2                           # Alias for backward compatibility
-_poll, _poll2 = poll, poll2            # ours, for loop()'s C path
+_poll, _poll2 = poll, poll2            # ours, for loop()'s one-call path
 
 
 def loop(timeout=30.0, use_poll=False, map=None, count=None):
@@ -156,16 +154,15 @@ def loop(timeout=30.0, use_poll=False, map=None, count=None):
     else:
         poll_fun = poll
 
-    # Our own poll()/poll2() on a plain dict: the iterations run in C (one
-    # call for the whole loop) where the C loop is available.  A poll
-    # function replaced by the user is called each iteration, as in 3.11.
+    # Our own poll()/poll2() on a plain dict: one call runs the whole loop,
+    # in C where the C loop is available, else in Python (_loop.run).  A
+    # poll function replaced by the user is called each iteration, as in
+    # 3.11, and so is ours for other maps and counts.
     select_mode = True if poll_fun is _poll else False if poll_fun is _poll2 else None
     if select_mode is not None and type(map) is dict \
             and (count is None or type(count) is int):
-        run = _loop.c_run()
-        if run is not None:
-            run(map, timeout, select_mode, count)
-            return
+        (_loop.c_run() or _loop.run)(map, timeout, select_mode, count)
+        return
 
     if count is None:
         while map:
@@ -568,7 +565,7 @@ class dispatcher:
         self.close()
 
 
-_loop.register_managed(dispatcher)
+_loop.register_managed(dispatcher, c_mask='dispatcher')
 
 # ---------------------------------------------------------------------------
 # adds simple buffered output capability, useful for simple clients.
@@ -664,7 +661,7 @@ class dispatcher_with_send(dispatcher):
         self.initiate_send()
 
 
-_loop.register_managed(dispatcher_with_send)
+_loop.register_managed(dispatcher_with_send, c_mask='dispatcher_with_send')
 
 # ---------------------------------------------------------------------------
 # used for debugging.
