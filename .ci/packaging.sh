@@ -5,18 +5,27 @@
 #   P2. `python -m build` run FROM THE PROJECT ROOT (so the top-level build.py
 #       must hand over to pypa/build): sdist + wheel, the wheel built from the
 #       sdist; the wheel is tagged cp39-abi3-linux_*; the sdist holds every
-#       tracked file of csrc/, src/, tests/ plus build.py, setup.py, MANIFEST.in.
+#       tracked file of csrc/, src/, tests/ plus build.py, setup.py, MANIFEST.in;
+#       the wheel holds the cffi core _core.abi3.so and the C loop
+#       _cloop.abi3.so, and every .so in it ends in .abi3.so.
 #   P3. auditwheel show / repair --plat manylinux2014_<arch>;
-#       abi3audit --strict --report on the built and the repaired wheel.
+#       abi3audit --strict --report on the built and the repaired wheel (both
+#       extension modules must be in its report).
 #   P4. The repaired wheel in fresh venvs of pyenv 3.9 and 3.13: the test suite
 #       (less the known-flaky tests in PKG_DESELECT, listed in the summary)
 #       run from a scratch directory (the sdist's tests/, examples/, benchmarks/;
 #       no src/, no build.py), `import fastasyncore` asserted to come from
 #       site-packages; once with FASTASYNCORE_BACKEND=cffi and once with =pure,
-#       both with FASTASYNCORE_REQUIRE_CORE=1.
+#       both with FASTASYNCORE_REQUIRE_CORE=1. Before that: the C loop
+#       (fastasyncore._cloop, abi3) imports and is the loop in use on the cffi
+#       backend (_loop.loop_impl() == "c"; "py" with FASTASYNCORE_LOOP=py).
 #   P5. No compiler: `CC=/bin/false pip install -v --no-cache-dir <sdist>`
 #       succeeds with the WARNING, a py3-none-any wheel and BACKEND == "pure";
 #       the same with CIBUILDWHEEL=1 (and with FASTASYNCORE_REQUIRE_CORE=1) fails.
+#       A compiler that fails on csrc/fa_cloop.c only (the C loop) while the
+#       cffi core compiles: the same pure fallback (no half-built package:
+#       neither _core nor _cloop installed), and FASTASYNCORE_REQUIRE_CORE=1
+#       fails.
 #   P6. `FASTASYNCORE_PUREPYTHON=1 python -m build --wheel` gives a
 #       py3-none-any wheel without the core; it installs and runs pure.
 #   P7. `cibuildwheel --print-build-identifiers --platform linux` (console
@@ -205,9 +214,16 @@ if junk:
     sys.exit("sdist ships build products: %s" % junk)
 with zipfile.ZipFile(wheel) as z:
     wnames = set(z.namelist())
-cores = [n for n in wnames if n.startswith("fastasyncore/_core") and n.endswith(".abi3.so")]
-if len(cores) != 1:
-    sys.exit("wheel should hold exactly one fastasyncore/_core*.abi3.so: %s" % cores)
+# The cffi core and the C loop, both abi3: setuptools does not check the
+# wheel tag against the modules, so a version-specific module in this
+# cp39-abi3 wheel would install everywhere and fail to load on other versions.
+sos = sorted(n for n in wnames if n.endswith((".so", ".pyd")))
+not_abi3 = [n for n in sos if not n.endswith(".abi3.so")]
+if not_abi3:
+    sys.exit("abi3 wheel holds version-specific extension modules: %s" % not_abi3)
+cores = ["fastasyncore/_core.abi3.so", "fastasyncore/_cloop.abi3.so"]
+if sos != sorted(cores):
+    sys.exit("wheel should hold exactly %s, holds %s" % (cores, sos))
 src_py = {n[len("src/"):] for n in names if n.startswith("src/fastasyncore/") and n.endswith((".py", ".pyi", ".typed"))}
 whl_py = {n for n in wnames if n.startswith("fastasyncore/") and n.endswith((".py", ".pyi", ".typed"))}
 if src_py != whl_py:
@@ -217,9 +233,9 @@ c = len([n for n in names if fnmatch.fnmatch(n, "csrc/*.[ch]")])
 tests = len([n for n in names if n.startswith("tests/")])
 print("sdist: %d files (csrc: %d .c/.h, tests/: %d, build.py, setup.py, MANIFEST.in); "
       "all %d tracked csrc/src/tests files present" % (len(names), c, tests, len(expected)))
-print("wheel: %s + %d Python files, the same as the sdist's src/" % (cores[0], len(whl_py)))
+print("wheel: %s + %d Python files, the same as the sdist's src/" % (" ".join(cores), len(whl_py)))
 EOF
-note "contents:       sdist complete (csrc/*.c *.h, build.py, setup.py, tests/); wheel holds _core.abi3.so"
+note "contents:       sdist complete (csrc/*.c *.h, build.py, setup.py, tests/); wheel holds _core.abi3.so + _cloop.abi3.so (every .so abi3)"
 
 # ---------------------------------------------------------------------------
 section "P3. auditwheel + abi3audit"
@@ -261,21 +277,26 @@ for w in "$WHEEL" "$RWHEEL"; do
 import json, sys
 rep = json.load(open(sys.argv[1]))
 n = viol = 0
+names = set()
 for spec in rep["specs"].values():
     for so in spec["wheel"]:
         n += 1
+        names.add(so["name"].rsplit("/", 1)[-1])
         res = so["result"]
         if not res["is_abi3"] or not res["is_abi3_baseline_compatible"]:
             viol += 1
         viol += len(res["non_abi3_symbols"]) + len(res["future_abi3_objects"])
         print("  %s: abi3, baseline %s, computed %s" % (so["name"], res["baseline"], res["computed"]))
 print("abi3audit: %d extension(s) scanned, %d violation(s)" % (n, viol))
-if n == 0 or viol:
+missing = {"_core.abi3.so", "_cloop.abi3.so"} - names
+if missing:
+    print("abi3audit did not audit %s (scanned: %s)" % (sorted(missing), sorted(names)))
+if n == 0 or viol or missing:
     print(json.dumps(rep, indent=1))
     sys.exit(1)
 EOF
 done
-note "abi3audit:      --strict clean (built and repaired wheel)"
+note "abi3audit:      --strict clean (built and repaired wheel; _core.abi3.so and _cloop.abi3.so audited)"
 note "auditwheel:     built wheel consistent with $(grep -m1 -oE 'platform tag: "[^"]+"' "$LOGS/auditwheel-show.log" | cut -d'"' -f2 || echo '(see log)')"
 
 # ---------------------------------------------------------------------------
@@ -307,16 +328,32 @@ def pytest_configure(config):
 PLUGIN
 
 # check_installed VENV_PY EXPECTED_BACKEND: run from $TROOT, fastasyncore must
-# come from the venv's site-packages.
+# come from the venv's site-packages. cffi: the core and the C loop are
+# installed and load, and the C loop is the loop in use; pure: a pure
+# install, neither extension module present.
 check_installed() {
     (cd "$TROOT" && "$1" - "$2" <<'EOF'
-import os, sys, sysconfig
+import glob, os, sys, sysconfig
 import fastasyncore
+from fastasyncore import _loop
 site = os.path.realpath(sysconfig.get_paths()["purelib"])
 where = os.path.realpath(os.path.dirname(fastasyncore.__file__))
 assert where.startswith(site + os.sep), "fastasyncore imported from %s, not %s" % (where, site)
 assert fastasyncore.BACKEND == sys.argv[1], (fastasyncore.BACKEND, sys.argv[1])
-print("import fastasyncore -> %s (BACKEND=%s)" % (where, fastasyncore.BACKEND))
+sos = sorted(os.path.basename(p) for p in glob.glob(os.path.join(where, "*.so")))
+if sys.argv[1] == "cffi":
+    import fastasyncore._core as core, fastasyncore._cloop as cloop
+    for m in (core, cloop):
+        assert os.path.realpath(m.__file__).startswith(where + os.sep), m.__file__
+    assert sos == ["_cloop.abi3.so", "_core.abi3.so"], sos
+    assert _loop.loop_impl() == "c", "the C loop is not in use: %s" % _loop.loop_impl()
+    assert fastasyncore.LOOP == "c", fastasyncore.LOOP
+    loop = "C (%s)" % os.path.basename(cloop.__file__)
+else:
+    assert not sos, "a pure install holds extension modules: %s" % sos
+    assert _loop.loop_impl() == "py", _loop.loop_impl()
+    loop = "Python"
+print("import fastasyncore -> %s (BACKEND=%s, loop %s)" % (where, fastasyncore.BACKEND, loop))
 EOF
     )
 }
@@ -362,9 +399,18 @@ for minor in $PKG_PYTHONS; do
     "$VP" -m pip install -q "$RWHEEL[test]" >"$LOGS/pip-$V.log" 2>&1 \
         || { cat "$LOGS/pip-$V.log"; die "Python $minor: pip install of the wheel failed"; }
     check_installed "$VP" cffi
-    (cd "$TROOT" && "$VP" -m fastasyncore info)
+    (cd "$TROOT" && "$VP" -m fastasyncore info) | tee "$LOGS/info-$minor.log"
+    grep -qx 'loop: *C (fastasyncore._cloop)' "$LOGS/info-$minor.log" \
+        || die "Python $minor: fastasyncore info does not report the C loop"
     (cd "$TROOT" && FASTASYNCORE_BACKEND=cffi "$VP" -c 'import fastasyncore') \
         || die "Python $minor: FASTASYNCORE_BACKEND=cffi does not import"
+    (cd "$TROOT" && FASTASYNCORE_BACKEND=cffi FASTASYNCORE_LOOP=c "$VP" -c '
+from fastasyncore import _loop; assert _loop.loop_impl() == "c", _loop.loop_impl()') \
+        || die "Python $minor: FASTASYNCORE_LOOP=c does not run the C loop"
+    (cd "$TROOT" && FASTASYNCORE_BACKEND=cffi FASTASYNCORE_LOOP=py "$VP" -c '
+from fastasyncore import _loop; assert _loop.loop_impl() == "py", _loop.loop_impl()') \
+        || die "Python $minor: FASTASYNCORE_LOOP=py does not run the Python loop"
+    note "py$minor wheel:    _core + _cloop load (abi3); loop_impl() is c on cffi, py with FASTASYNCORE_LOOP=py"
     for backend in cffi pure; do
         run_suite "$VP" "$backend" "py$minor-$backend"
     done
@@ -401,6 +447,43 @@ for strict in CIBUILDWHEEL FASTASYNCORE_REQUIRE_CORE; do
         || { tail -n 40 "$LOGS/nocc-$strict.log"; die "$strict=1: failed, but not at the C compiler"; }
     note "no compiler:    $strict=1 CC=/bin/false pip install <sdist> -> fails (as required)"
 done
+
+# The C loop (csrc/fa_cloop.c, CPython API) can fail to compile where the cffi
+# core compiles (a header or limited-API gap): setup.py's optional_build_ext
+# covers both modules, so that is the same fallback as no compiler at all.
+CCWRAP="$WORK/cc-no-cloop"
+cat >"$CCWRAP" <<'CC'
+#!/bin/sh
+# gcc, except that compiling csrc/fa_cloop.c fails.
+for a in "$@"; do
+    case $a in *fa_cloop.c) echo "cc-no-cloop: cannot compile $a" >&2; exit 1;; esac
+done
+exec gcc "$@"
+CC
+chmod +x "$CCWRAP"
+new_venv venv-nocloop "$PY311"
+CP="$WORK/venv-nocloop/bin/python"
+echo "+ CC=cc-no-cloop pip install -v --no-cache-dir $(basename "$SDIST")"
+CC="$CCWRAP" "$CP" -m pip install -v --no-cache-dir "$SDIST" >"$LOGS/nocloop.log" 2>&1 \
+    || { tail -n 60 "$LOGS/nocloop.log"; die "CC=cc-no-cloop: installing the sdist failed (the pure fallback should install)"; }
+grep -q "cc-no-cloop: cannot compile" "$LOGS/nocloop.log" \
+    || die "CC=cc-no-cloop: the build never tried to compile fa_cloop.c"
+grep -m1 "WARNING: fastasyncore's C core could not be compiled" "$LOGS/nocloop.log" \
+    || die "CC=cc-no-cloop: no WARNING in pip -v output"
+grep -m1 -oE 'fastasyncore-[^ ]*-py3-none-any\.whl' "$LOGS/nocloop.log" \
+    || die "CC=cc-no-cloop: pip did not build a py3-none-any wheel"
+check_installed "$CP" pure
+note "no C loop:      CC failing on fa_cloop.c only -> ok, WARNING shown, py3-none-any, BACKEND=pure (neither .so installed)"
+new_venv venv-nocloop-strict "$PY311"
+echo "+ FASTASYNCORE_REQUIRE_CORE=1 CC=cc-no-cloop pip install --no-cache-dir $(basename "$SDIST")   (must fail)"
+if FASTASYNCORE_REQUIRE_CORE=1 CC="$CCWRAP" "$WORK/venv-nocloop-strict/bin/python" -m pip install \
+        --no-cache-dir "$SDIST" >"$LOGS/nocloop-strict.log" 2>&1; then
+    tail -n 30 "$LOGS/nocloop-strict.log"
+    die "FASTASYNCORE_REQUIRE_CORE=1 CC=cc-no-cloop: the install succeeded; it must fail"
+fi
+grep -m1 "cc-no-cloop: cannot compile" "$LOGS/nocloop-strict.log" \
+    || { tail -n 40 "$LOGS/nocloop-strict.log"; die "FASTASYNCORE_REQUIRE_CORE=1 CC=cc-no-cloop: failed, but not at fa_cloop.c"; }
+note "no C loop:      FASTASYNCORE_REQUIRE_CORE=1 with CC failing on fa_cloop.c -> fails (as required)"
 
 # ---------------------------------------------------------------------------
 section "P6. FASTASYNCORE_PUREPYTHON=1 python -m build --wheel"

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from _subproc import core_status, need_backend, subprocess_env
+from _subproc import REQUIRE_CORE, core_status, need_backend, subprocess_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,11 +52,41 @@ def test_demo_bad_arguments():
 def test_info(tmp_path):
     proc = _cli("info", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    for key in ("fastasyncore:", "backend:", "poller:", "python:", "platform:", "C core:",
-                "core path:"):
+    for key in ("fastasyncore:", "backend:", "poller:", "loop:", "python:", "platform:",
+                "C core:", "core path:", "C loop:", "C loop path:"):
         assert key in proc.stdout
-    core_line = [l for l in proc.stdout.splitlines() if l.startswith("C core:")][0]
+    core_line = _info_line(proc.stdout, "C core:")
     assert ("not built" not in core_line) == core_status()[0], core_line
+    cloop_line = _info_line(proc.stdout, "C loop:")
+    assert ("not built" not in cloop_line) == _cloop_built(), cloop_line
+
+
+def _info_line(out, key):
+    return [l for l in out.splitlines() if l.startswith(key)][0][len(key):].strip()
+
+
+def _cloop_built():
+    proc = subprocess.run([sys.executable, "-c", "import fastasyncore._cloop"],
+                          env=subprocess_env(), capture_output=True, timeout=60)
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("backend,loop", [("cffi", "auto"), ("cffi", "py"), ("pure", "auto")])
+def test_info_tells_which_loop_runs(backend, loop, tmp_path):
+    need_backend(backend)
+    proc = _cli("info", cwd=str(tmp_path),
+                env=subprocess_env(FASTASYNCORE_BACKEND=backend, FASTASYNCORE_LOOP=loop))
+    assert proc.returncode == 0, proc.stderr
+    line = _info_line(proc.stdout, "loop:")
+    if backend == "pure":
+        assert line == "Python (the pure backend always runs the Python loop)", line
+    elif loop == "py":
+        assert line == "Python (FASTASYNCORE_LOOP=py)", line
+    elif _cloop_built():
+        assert line == "C (fastasyncore._cloop)", line
+    else:
+        assert not REQUIRE_CORE, "FASTASYNCORE_REQUIRE_CORE=1 but _cloop is not built"
+        assert line.startswith("Python (fastasyncore._cloop "), line
 
 
 LEGACY = textwrap.dedent("""\

@@ -1,17 +1,26 @@
 """Differential tests: one scripted scenario, run under stdlib 3.11 asyncore /
-asynchat (when importable), the pure backend and the C backend, must produce
-the same sequence of hook calls and the same bytes on the wire.
+asynchat (when importable), the pure backend, the C backend with the C loop
+(fastasyncore._cloop, "cffi") and the C backend with the Python loop
+("cffi-pyloop"), must produce the same sequence of hook calls and the same
+bytes on the wire.
 
 The only differences allowed are the ones in docs/compatibility.md; the
 scenarios below avoid them (no fd reuse inside an iteration, no POLLHUP after an
 EOF close, no closed-behind-the-back sockets) except where a test normalises a
 documented one explicitly.
 
-Plus a Hypothesis property: random chunkings of random terminator streams fed
-to async_chat give the same collect/found events everywhere (B3, M6).
+Plus Hypothesis properties: random chunkings of random terminator streams fed
+to async_chat give the same collect/found events everywhere (B3, M6); and
+random handler scripts (close self or another channel, add channels, raise
+ValueError / OSError(errno) / ExitNow / KeyboardInterrupt / SystemExit, raise
+inside handle_error, nested loops on the same or another map, ...) give the
+same hook trace and wire bytes under the C loop and the Python loop, in both
+poll modes (and under stdlib 3.11 for the scripts without documented
+differences).
 """
 
 import contextlib
+import errno
 import socket
 import sys
 import time
@@ -50,26 +59,49 @@ def _cffi_ok():
         return False
 
 
+def _cloop_ok():
+    try:
+        from fastasyncore import _cloop  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 @contextlib.contextmanager
-def _on(name):
+def _on(name, loop=None):
+    """Backend ``name``; ``loop`` "c"/"py" pins the loop (_loop.set_loop)."""
+    from fastasyncore import _loop
     prev = _backend.current.NAME
+    prev_loop = _loop._loop_choice
     _backend.set_backend(name)
     try:
+        if loop is not None:
+            _loop.set_loop(loop)
+            assert _loop.loop_impl() == loop
         from fastasyncore import asyncore, asynchat
         yield asyncore, asynchat
     finally:
         _backend.set_backend(prev)
+        _loop.set_loop(prev_loop)
 
 
 def implementations():
-    """[(name, context manager yielding (asyncore, asynchat))], stdlib first."""
+    """[(name, context manager yielding (asyncore, asynchat))], stdlib first.
+
+    "cffi" is the C backend with the C loop where fastasyncore._cloop is
+    built (with the Python loop otherwise); "cffi-pyloop" the C backend with
+    the Python loop (only where the C loop exists: else it is "cffi")."""
     out = []
     std = _stdlib_modules()
     if std is not None:
         out.append(("stdlib", contextlib.nullcontext(std)))
     out.append(("pure", _on("pure")))
     if _cffi_ok():
-        out.append(("cffi", _on("cffi")))
+        if _cloop_ok():
+            out.append(("cffi", _on("cffi", "c")))
+            out.append(("cffi-pyloop", _on("cffi", "py")))
+        else:
+            out.append(("cffi", _on("cffi", "py")))
     return out
 
 
@@ -445,3 +477,265 @@ if given is not None:
                     cur = b""
             assert lines == [r.replace(b"\r", b"") for r in records], name
             assert rest == b"" and cur == b""
+
+
+# -- property: random handler scripts, C loop vs Python loop (vs stdlib) ------------
+#
+# A script is a list of steps.  A step picks a live channel (the target), gives
+# it a list of operations, sends it one byte (or closes its peer: EOF), and
+# runs a few single iterations.  The target's handle_read() reads, then runs
+# the operations: close itself or another channel, add a channel, send bytes,
+# make another channel writable, run a nested loop on the same map or on
+# another one, and last maybe raise (ValueError, OSError with an errno in or
+# out of asyncore's DISCONNECTED set or none, ExitNow, KeyboardInterrupt,
+# SystemExit) or raise and make handle_error() raise too.  Every hook is
+# logged by channel tag (creation order), not by fd; exceptions that leave
+# loop() are caught by the driver and logged.
+#
+# Where only one channel has an event per iteration, the trace is the same
+# whatever order the poller reports events in, and stdlib 3.11 must agree too;
+# scripts that make two channels ready at once ("also", writable channels, two
+# channels added by one handler) are compared between our implementations only (the C loop and the Python
+# loop on the same backend see the same kernel order; stdlib orders by map,
+# and differs by design on fd reuse within an iteration, docs/compatibility.md).
+
+SCRIPT_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN,
+                 errno.ECONNABORTED, errno.ESHUTDOWN,          # asyncore DISCONNECTED
+                 errno.EINVAL, errno.EAGAIN, errno.ETIMEDOUT, errno.ENOENT, None)
+
+
+def _script_exc(asyncore, kind):
+    if kind == "ValueError":
+        return ValueError("script")
+    if kind == "ExitNow":
+        return asyncore.ExitNow("script")
+    if kind == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    if kind == "SystemExit":
+        return SystemExit(3)
+    e = kind[1]
+    return OSError("script") if e is None else OSError(e, "script")
+
+
+def script_is_simple(script):
+    """No two channels ready in one iteration: stdlib must agree as well."""
+    kinds, steps = script
+    for step in steps:
+        if step["also"] is not None:
+            return False
+        if any(op[0] == "want_write" for op in step["ops"]):
+            return False
+        if sum(op[0] == "add" for op in step["ops"]) > 1:
+            return False         # new channels ready together: order is the poller's
+    return True
+
+
+def script_scenario(name, asyncore, asynchat, use_poll, script):
+    ours = name != "stdlib"
+    kinds, steps = script
+    m, other = {}, {}
+    log = []
+    chans, peers, wires = [], [], []
+
+    class Base(asyncore.dispatcher_with_send):
+        """Managed on our side: overrides no predicate."""
+        gone = False
+        todo = ()
+        bad_error = False
+
+        def _after_close(self, what):
+            # 3.11 may still dispatch to a channel closed earlier in the same
+            # iteration (poll(): the rest of readwrite(); POLLHUP after an EOF
+            # close); we never do (docs/compatibility.md).  Normalise stdlib,
+            # flag it on ours.
+            if self.gone:
+                if ours:
+                    log.append((self.tag, "EVENT-AFTER-CLOSE", what))
+                    return False
+                return True
+            return False
+
+        def handle_read_event(self):
+            if self._after_close("read"):
+                return
+            super().handle_read_event()
+
+        def handle_write_event(self):
+            if self._after_close("write"):
+                return
+            super().handle_write_event()
+
+        def handle_expt_event(self):
+            if self._after_close("expt"):
+                return
+            super().handle_expt_event()
+
+        def handle_read(self):
+            data = self.recv(64)
+            log.append((self.tag, "read", data))
+            todo, self.todo = self.todo, ()
+            for op in todo:
+                self.run_op(op)
+
+        def run_op(self, op):
+            kind = op[0]
+            log.append((self.tag, "op") + op)
+            if kind == "close_self":
+                self.close()
+            elif kind == "close":
+                c = chans[op[1] % len(chans)]
+                if not c.gone:
+                    c.close()
+            elif kind == "add":
+                new_chan(op[1]).peer_send(b"+")
+            elif kind == "send":
+                if not self.gone:
+                    self.send(b"s" * op[1])
+            elif kind == "want_write":
+                c = chans[op[1] % len(chans)]
+                c.writable = lambda: True
+            elif kind == "nested":
+                asyncore.loop(timeout=0, use_poll=use_poll, map=m if op[1] else other,
+                              count=1)
+            elif kind == "raise":
+                raise _script_exc(asyncore, op[1])
+            elif kind == "raise_bad_error":
+                self.bad_error = True
+                raise ValueError("handle_error will raise")
+
+        def handle_write(self):
+            log.append((self.tag, "write"))
+            if "writable" in self.__dict__:
+                self.writable = lambda: False
+            super().handle_write()
+
+        def handle_expt(self):
+            log.append((self.tag, "expt"))
+
+        def handle_close(self):
+            if not ours and self.gone and sys.exc_info()[0] is None:
+                return        # 3.11's poll(): POLLHUP after the EOF close (documented)
+            log.append((self.tag, "close"))
+            self.close()
+
+        def handle_error(self):
+            t, v, tb = sys.exc_info()
+            log.append((self.tag, "error", t.__name__ if t else None,
+                        getattr(v, "errno", None), tb is not None))
+            if self.bad_error:
+                self.bad_error = False
+                raise RuntimeError("from handle_error")
+            if isinstance(v, OSError):
+                self.close()
+
+        def close(self):
+            self.gone = True
+            super().close()
+
+        def peer_send(self, data):
+            peers[self.tag].send(data)
+
+    class Consulted(Base):
+        """Asked every iteration on our side: overrides writable()."""
+        def writable(self):
+            return False
+
+    def new_chan(kind, into=None):
+        s, p = pair()
+        c = (Consulted if kind else Base)(s, map=m if into is None else into)
+        c.tag = len(chans)
+        chans.append(c)
+        peers.append(p)
+        wires.append(bytearray())
+        return c
+
+    def run(count):
+        try:
+            asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=count)
+        except (asyncore.ExitNow, KeyboardInterrupt, SystemExit, RuntimeError) as e:
+            log.append(("driver", "loop raised", type(e).__name__))
+
+    for k in kinds:
+        new_chan(k)
+    o = new_chan(1, into=other)          # the other map's channel: tag len(kinds)
+    o.peer_send(b"o")
+    try:
+        for step in steps:
+            live = [c for c in chans
+                    if not c.gone and c._map is m and peers[c.tag].fileno() >= 0]
+            if not live:
+                break
+            target = live[step["target"] % len(live)]
+            if step["eof"]:
+                peers[target.tag].close()
+            else:
+                target.todo = step["ops"]
+                target.peer_send(b"x")
+                if step["also"] is not None:
+                    second = live[step["also"] % len(live)]
+                    if second is not target:
+                        second.peer_send(b"y")
+            for _ in range(step["iters"]):
+                run(1)
+            for p, w in zip(peers, wires):
+                if p.fileno() >= 0:
+                    drain(p, w)
+        run(3)
+    finally:
+        left = sorted(c.tag for c in chans if not c.gone)
+        asyncore.close_all(map=m, ignore_all=True)
+        asyncore.close_all(map=other, ignore_all=True)
+        for c in chans:
+            c.gone = True
+        for p, w in zip(peers, wires):
+            if p.fileno() >= 0:
+                drain(p, w)
+                p.close()
+    return log, [bytes(w) for w in wires], left
+
+
+if given is not None:
+    _RAISE = st.one_of(
+        st.sampled_from(["ValueError", "ExitNow", "KeyboardInterrupt", "SystemExit"]),
+        st.sampled_from(SCRIPT_ERRNOS).map(lambda e: ("OSError", e)))
+    _OP = st.one_of(
+        st.just(("close_self",)),
+        st.integers(0, 9).map(lambda k: ("close", k)),
+        st.integers(0, 1).map(lambda k: ("add", k)),
+        st.integers(1, 40).map(lambda n: ("send", n)),
+        st.integers(0, 9).map(lambda k: ("want_write", k)),
+        st.booleans().map(lambda same: ("nested", same)))
+    _LAST = st.one_of(st.none(), _RAISE.map(lambda r: ("raise", r)),
+                      st.just(("raise_bad_error",)))
+    _OPS = st.tuples(st.lists(_OP, max_size=3), _LAST).map(
+        lambda t: tuple(t[0]) + ((t[1],) if t[1] is not None else ()))
+    _STEP = st.fixed_dictionaries({
+        "target": st.integers(0, 15),
+        "ops": _OPS,
+        "also": st.one_of(st.none(), st.none(), st.integers(0, 15)),
+        "eof": st.integers(0, 7).map(lambda x: x == 0),
+        "iters": st.integers(1, 3)})
+    SCRIPTS = st.tuples(st.lists(st.integers(0, 1), min_size=1, max_size=4),
+                        st.lists(_STEP, min_size=1, max_size=8))
+
+    @pytest.mark.parametrize("wait", ["adaptive", "persistent", "rebuild"])
+    @pytest.mark.parametrize("use_poll", [False, True], ids=["select", "poll"])
+    @settings(max_examples=75, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(script=SCRIPTS)
+    def test_property_handler_scripts_c_loop_matches_python_loop(use_poll, wait, script):
+        from fastasyncore import _loop
+        _loop._force_mode = None if wait == "adaptive" else wait
+        try:
+            results = run_everywhere(script_scenario, use_poll, script)
+        finally:
+            _loop._force_mode = None
+        for name, (log, wires, left) in results.items():
+            assert not [e for e in log if e[1] == "EVENT-AFTER-CLOSE"], name
+        if "cffi-pyloop" in results:
+            assert results["cffi"] == results["cffi-pyloop"], "C loop differs from Python loop"
+        ours = [n for n in results if n != "stdlib"]
+        for n in ours[1:]:
+            assert results[n] == results[ours[0]], "%s differs from %s" % (n, ours[0])
+        if "stdlib" in results and script_is_simple(script):
+            assert results["stdlib"] == results[ours[0]], "stdlib differs from %s" % ours[0]

@@ -3,8 +3,9 @@
 * ``demo``  -- an embedded loopback echo server and many client dispatchers in
   one fastasyncore loop, bounded in time and count; prints the backend, the
   poller, connections, requests and requests/s.
-* ``info``  -- version, backend, poller, Python, platform and whether/where the
-  C core is built.
+* ``info``  -- version, backend, poller, which loop runs the iterations (the
+  C loop, fastasyncore._cloop, or the Python one, and why), Python, platform
+  and whether/where the C core and the C loop are built.
 * ``run SCRIPT [ARGS...]`` (or ``run -m MODULE [ARGS...]``) -- run an unmodified
   legacy program with :func:`fastasyncore.install` active, so its
   ``import asyncore`` / ``import asynchat`` get fastasyncore's modules.
@@ -218,36 +219,76 @@ def cmd_demo(args):
 # info
 # --------------------------------------------------------------------------
 
-def core_status():
-    """(built, location, detail) for fastasyncore._core, found without selecting it."""
+def _module_status(name, missing):
+    """(built, location, detail) for an extension module, found without selecting it."""
+    import importlib
     import importlib.util
     try:
-        spec = importlib.util.find_spec("fastasyncore._core")
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError) as exc:
         return False, None, str(exc)
     if spec is None or spec.origin is None:
-        return False, None, "pure-Python install"
+        return False, None, missing
     try:
-        import fastasyncore._core  # noqa: F401
+        importlib.import_module(name)
     except ImportError as exc:
         return False, spec.origin, "present but not loadable: %s" % exc
     return True, spec.origin, "loadable"
 
 
+def core_status():
+    """(built, location, detail) for fastasyncore._core, found without selecting it."""
+    return _module_status("fastasyncore._core", "pure-Python install")
+
+
+def cloop_status():
+    """(built, location, detail) for fastasyncore._cloop (the C loop)."""
+    return _module_status("fastasyncore._cloop", "not in this install")
+
+
+def loop_status(fastasyncore):
+    """``"C (fastasyncore._cloop)"`` or ``"Python (<why>)"``: the loop that runs now."""
+    choice = os.environ.get("FASTASYNCORE_LOOP", "auto").strip().lower() or "auto"
+    try:
+        from fastasyncore import _loop
+        impl = _loop.loop_impl()
+    except ImportError as exc:        # FASTASYNCORE_LOOP=c without _cloop, bad value
+        return "? (%s)" % exc
+    if impl == "c":
+        return "C (fastasyncore._cloop)"
+    if fastasyncore.BACKEND != "cffi":
+        why = "the %s backend always runs the Python loop" % fastasyncore.BACKEND
+    elif choice == "py":
+        why = "FASTASYNCORE_LOOP=py"
+    else:
+        built, _, detail = cloop_status()
+        if built:
+            why = "FASTASYNCORE_LOOP=%s" % choice
+        elif detail == "not in this install":
+            why = "fastasyncore._cloop not built"
+        else:
+            why = "fastasyncore._cloop %s" % detail
+    return "Python (%s)" % why
+
+
 def cmd_info(args):
     fastasyncore = _fa()
     built, where, detail = core_status()
+    lbuilt, lwhere, ldetail = cloop_status()
     rows = [
         ("fastasyncore", "%s (%s)" % (getattr(fastasyncore, "__version__", "?"),
                                       os.path.dirname(fastasyncore.__file__))),
         ("backend", "%s (FASTASYNCORE_BACKEND=%s)" % (
             fastasyncore.BACKEND, os.environ.get("FASTASYNCORE_BACKEND", "auto"))),
         ("poller", _poller(fastasyncore)),
+        ("loop", loop_status(fastasyncore)),
         ("python", "%s %s (%s)" % (platform.python_implementation(),
                                    platform.python_version(), sys.executable)),
         ("platform", "%s (%s)" % (platform.platform(), platform.machine())),
         ("C core", "built" if built else "not built (%s)" % detail),
         ("core path", where or "-"),
+        ("C loop", "built" if lbuilt else "not built (%s)" % ldetail),
+        ("C loop path", lwhere or "-"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -304,7 +345,7 @@ def build_parser():
     p.add_argument("--use-poll", action="store_true", help="loop(use_poll=True)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("info", help="version, backend, poller, Python, platform, C core")
+    p = sub.add_parser("info", help="version, backend, poller, loop, Python, platform, C core")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(

@@ -20,7 +20,9 @@ Events are delivered only to the dispatcher that owned the fd when the wait
 began, and never to a dispatcher after it left the map (closed) in the same
 iteration; see docs/compatibility.md.
 
-Nothing here knows the asyncore module: the API module calls :func:`poll_once`.
+Nothing here knows the asyncore module: the API module calls :func:`run`
+(a whole loop() over a dict map; ``_cloop.run`` where the C loop serves the
+backend) or :func:`poll_once` (one iteration, any mapping).
 """
 
 import errno
@@ -45,6 +47,7 @@ __all__ = [
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 _READ = POLLIN | POLLPRI
+_RW = _READ | POLLOUT
 _CLOSE_BITS = POLLHUP | POLLERR | POLLNVAL
 
 
@@ -203,9 +206,10 @@ def _can_poll_list() -> bool:
 _VEC_MIN = 8   # fewer consulted channels: the plain loop is never dearer
 
 
-def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]]:
-    """("w"|"r", fds, objs) when every consulted channel overrides the same one
-    predicate; None otherwise (then consult() walks them one by one)."""
+def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]]:
+    """("w"|"r", fds, objs, ((fd, obj), ...)) when every consulted channel
+    overrides the same one predicate; None otherwise (then consult() walks
+    them one by one)."""
     if len(snap) < _VEC_MIN:
         return None
     kinds = {(e[2], e[3]) for e in snap}
@@ -215,7 +219,8 @@ def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tu
         which = "r"
     else:
         return None
-    return which, tuple(e[0] for e in snap), tuple(e[1] for e in snap)
+    return (which, tuple(e[0] for e in snap), tuple(e[1] for e in snap),
+            tuple((e[0], e[1]) for e in snap))
 
 
 def _check_key(fd: Any) -> None:
@@ -234,7 +239,7 @@ class MapState:
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
-                 "spoll", "sreg", "__weakref__")
+                 "spoll", "sreg", "disp", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -248,8 +253,8 @@ class MapState:
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
         self.reclass: Set[Any] = set()        # ... and classify again (reclassify())
         self.csnap: Optional[Tuple[Any, ...]] = None  # consulted, as a tuple
-        self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]] = None
-        self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last answers
+        self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]] = None
+        self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last masks (_consult_vec)
         self.cvec_on = True                   # use cvec (see consult())
         self.full = True                      # reconcile every fd of the map
         self.thread: Optional[int] = None     # thread inside poll_once, if any
@@ -267,14 +272,23 @@ class MapState:
         # in line with `mask`, and what it holds (see _spoll()).
         self.spoll: Any = None
         self.sreg: Optional[Dict[Any, int]] = None
+        # [owner.get, mask.get, events] of a select-mode dispatch pass in
+        # progress (_dispatch()); _freeze() points the first two at copies.
+        self.disp: Optional[List[Any]] = None
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
         cur = self.mask.get(fd, 0)
         if cur != m:
             if cur and m:
-                self.batch[fd] = m
                 self.mask[fd] = m
+                sp = self.spoll
+                if sp is not None and self.poller is None:
+                    sp.register(fd, m)
+                    self.sreg[fd] = m        # type: ignore[index]
+                    self.nchg += 1
+                else:
+                    self.batch[fd] = m
                 return
             # A first registration (the key is validated: a bad one raises
             # here and is not recorded, or every later iteration would fail
@@ -297,6 +311,25 @@ class MapState:
                 self.mask[fd] = m
             else:
                 del self.mask[fd]
+
+    def _direct(self) -> Any:
+        """The select.poll to hand interest changes to at once, or None (then
+        they go to the batch, for the persistent poller's update() or for
+        fa_cloop.c).  In the stateless mode of the Python loop every change
+        of an fd's mask goes to `spoll` and `sreg` as it is made."""
+        return self.spoll if self.poller is None else None
+
+    def _direct_lost(self, sp: Any) -> None:
+        """A callback run meanwhile (a nested loop on this map, from a
+        predicate) switched the wait mode: the changes handed to ``sp``
+        since are not where the wait looks.  Rare; redo it all."""
+        if self.spoll is sp:
+            return
+        if self.poller is not None:
+            for fd, m in self.mask.items():
+                self.poller.modify(fd, m)
+        else:
+            self.spoll = self.sreg = None      # built from mask at the wait
 
     def flush(self) -> None:
         batch = self.batch
@@ -356,7 +389,21 @@ class MapState:
             self.poller = poller
             self.spoll = self.sreg = None
 
+    def _freeze(self) -> None:
+        """An owner or a mask is about to change during a select-mode
+        dispatch pass: keep what they were when the wait returned, for the
+        rest of the pass (fa_cloop.c collects them before dispatching)."""
+        ctx = self.disp
+        self.disp = None
+        owner = self.owner
+        mask = self.mask
+        fds = [e[0] for e in ctx[2]]              # type: ignore[index]
+        ctx[0] = {fd: owner.get(fd) for fd in fds}.get  # type: ignore[index]
+        ctx[1] = {fd: mask.get(fd, 0) for fd in fds}.get  # type: ignore[index]
+
     def _drop(self, fd: Any) -> None:
+        if self.disp is not None:
+            self._freeze()
         self.owner.pop(fd, None)
         self.reclass.discard(fd)
         self.suspended.pop(fd, None)
@@ -416,6 +463,7 @@ class MapState:
         consulted = self.consulted
         mask = self.mask
         susp = self.suspended
+        sp = self._direct()
         while pending:
             fd = pending.pop()
             obj = m.get(fd)
@@ -436,10 +484,17 @@ class MapState:
                 if new != cur:
                     if cur and new:
                         mask[fd] = new
-                        self.batch[fd] = new
+                        if sp is None:
+                            self.batch[fd] = new
+                        else:
+                            sp.register(fd, new)
+                            self.sreg[fd] = new     # type: ignore[index]
+                            self.nchg += 1
                     else:
                         self._set_mask(fd, new)
                 obj._fa_regmask = new
+        if sp is not None and self.spoll is not sp:
+            self._direct_lost(sp)
 
     def snapshot(self) -> Tuple[Any, ...]:
         """The consulted channels as a tuple, in map order (cached)."""
@@ -455,22 +510,38 @@ class MapState:
         (fa_cloop.c's consult() is the plain loop below, in C.)"""
         snap = self.snapshot()
         vec = self.cvec
-        if vec is not None and self.cvec_on and not self.suspended:
-            if self._consult_vec(vec, select_mode) * 4 > len(vec[1]):
-                self.cvec_on = False    # most answers flip: the loop below is cheaper
+        if vec is not None and not self.suspended:
+            if self.cvec_on:
+                if self._consult_vec(vec, select_mode) * 4 > len(vec[1]):
+                    self.cvec_on = False    # most answers flip: one by one is cheaper
+                return
+            changed = self._consult_one(vec, select_mode)
+            self.cprev = None
+            if changed * 8 <= len(vec[1]):
+                self.cvec_on = True         # mostly stable answers: vectorize again
             return
-        changed = 0
+        changed = direct = 0
         mask = self.mask
         batch = self.batch
         susp = self.suspended
         extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
         owner = self.owner
+        sp = self._direct()
+        sreg = self.sreg
+        w_only = extra | POLLOUT
         for fd, obj, call_r, call_w in snap:
-            m = _READ if (not call_r or obj.readable()) else 0
-            if not call_w or obj.writable():
-                m |= extra
-                if not obj.accepting:
-                    m |= POLLOUT
+            # 3.11: readable(), then writable(), then (when writable)
+            # accepting; r-or-w also in select()'s xlist (`extra`, which
+            # _READ holds already).  Constants, no int operations.
+            if not call_r or obj.readable():
+                if not call_w or obj.writable():
+                    m = _READ if obj.accepting else _RW
+                else:
+                    m = _READ
+            elif not call_w or obj.writable():
+                m = extra if obj.accepting else w_only
+            else:
+                m = 0
             if susp and fd in susp:
                 m = 0
             cur = mask.get(fd, 0)
@@ -478,65 +549,139 @@ class MapState:
                 changed += 1
                 if cur and m:
                     mask[fd] = m
-                    batch[fd] = m
+                    if sp is None:
+                        batch[fd] = m
+                    else:
+                        sp.register(fd, m)
+                        sreg[fd] = m            # type: ignore[index]
+                        direct += 1
                 elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
+        if sp is not None:
+            self.nchg += direct
+            if self.spoll is not sp:
+                self._direct_lost(sp)
         self.cprev = None
         if vec is not None and changed * 8 <= len(snap):
             self.cvec_on = True         # mostly stable answers: vectorize again
 
-    def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...]],
+    def _consult_one(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]],
+                     select_mode: bool) -> int:
+        # The plain loop below consult(), for channels that all override the
+        # same one predicate (the docs pattern, its answers flipping): the
+        # same calls and reads, in the same order, with the predicate known.
+        # -> how many masks changed.
+        which, fds, objs, pairs = vec
+        mask = self.mask
+        batch = self.batch
+        owner = self.owner
+        sp = self._direct()
+        sreg = self.sreg
+        changed = rare = 0
+        if which == "w":
+            for fd, obj in pairs:
+                if obj.writable():
+                    m = _READ if obj.accepting else _RW
+                else:
+                    m = _READ
+                try:
+                    cur = mask[fd]      # (registered: m is never 0 here)
+                except KeyError:
+                    cur = 0
+                if cur != m:
+                    changed += 1
+                    if cur:                 # (m is never 0 here)
+                        mask[fd] = m
+                        if sp is None:
+                            batch[fd] = m
+                        else:
+                            sp.register(fd, m)
+                            sreg[fd] = m        # type: ignore[index]
+                    else:
+                        rare += 1
+                        if owner.get(fd) is obj:   # not closed by an earlier answer
+                            self._set_mask(fd, m)
+        else:
+            extra = POLLPRI if select_mode else 0
+            w_only = extra | POLLOUT
+            for fd, obj in pairs:
+                if obj.readable():
+                    m = _READ if obj.accepting else _RW
+                else:
+                    m = extra if obj.accepting else w_only
+                cur = mask.get(fd, 0)
+                if cur != m:
+                    changed += 1
+                    if cur and m:
+                        mask[fd] = m
+                        if sp is None:
+                            batch[fd] = m
+                        else:
+                            sp.register(fd, m)
+                            sreg[fd] = m        # type: ignore[index]
+                    else:
+                        rare += 1
+                        if owner.get(fd) is obj:
+                            self._set_mask(fd, m)
+        if sp is not None:
+            self.nchg += changed - rare     # (_set_mask() counts its own)
+            if self.spoll is not sp:
+                self._direct_lost(sp)
+        return changed
+
+    def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]],
                      select_mode: bool) -> int:
         # Every consulted channel overrides the same one predicate (the docs
         # pattern: writable() only).  Ask them all in one comprehension, in
-        # map order, and only look at the channels whose answer (truthiness)
-        # changed since the last iteration.  -> how many changed (0 when
-        # there was no previous answer to compare with).  Cheaper than the
-        # plain loop in consult() while few answers change; dearer when most
-        # flip every iteration (measured: 8,000 stable answers 1.7x cheaper,
-        # 16 flipping ones 1.4x dearer), hence consult()'s switch.
-        which, fds, objs = vec
-        # (Truthiness taken once per answer, as 3.11's `if is_w`; the
-        # conditional expression is cheaper than a second map(bool) pass.)
+        # map order, that yields each channel's mask (consult()'s: the
+        # predicate's truthiness taken once, accepting read where 3.11 reads
+        # it), and only look at the channels whose mask changed since the
+        # last iteration.  -> how many changed (0 when there was no previous
+        # pass to compare with).  Cheaper than the plain loop in consult()
+        # unless most answers flip every iteration, hence consult()'s switch.
+        which, fds, objs, pairs = vec
         if which == "w":
-            answers = [True if o.writable() else False for o in objs]
+            masks = [(_READ if o.accepting else _RW) if o.writable() else _READ
+                     for o in objs]
         else:
-            answers = [True if o.readable() else False for o in objs]
+            extra = POLLPRI if select_mode else 0
+            w_only = extra | POLLOUT
+            masks = [(_READ if o.accepting else _RW) if o.readable()
+                     else (extra if o.accepting else w_only) for o in objs]
         prev = self.cprev
-        key = (select_mode, answers)
+        key = (select_mode, masks)
         if prev is not None and prev[0] == select_mode:
-            if prev[1] == answers:
+            if prev[1] == masks:
                 return 0
-            todo: Any = list(_compress(range(len(fds)), map(_ne, answers, prev[1])))
+            todo: Any = list(_compress(zip(fds, objs, masks), map(_ne, masks, prev[1])))
             changed = len(todo)
         else:
-            todo = range(len(fds))
+            todo = zip(fds, objs, masks)
             changed = 0
         self.cprev = key
         mask = self.mask
         batch = self.batch
         owner = self.owner
-        extra = POLLPRI if select_mode else 0
-        for i in todo:
-            fd = fds[i]
-            obj = objs[i]
-            if which == "w":
-                m = _READ
-                if answers[i]:
-                    m |= extra
-                    if not obj.accepting:
-                        m |= POLLOUT
-            else:
-                m = (_READ if answers[i] else 0) | extra
-                if not obj.accepting:
-                    m |= POLLOUT
+        sp = self._direct()
+        sreg = self.sreg
+        direct = 0
+        for fd, obj, m in todo:
             cur = mask.get(fd, 0)
             if cur != m:
                 if cur and m:
                     mask[fd] = m
-                    batch[fd] = m
+                    if sp is None:
+                        batch[fd] = m
+                    else:
+                        sp.register(fd, m)
+                        sreg[fd] = m            # type: ignore[index]
+                        direct += 1
                 elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
+        if sp is not None:
+            self.nchg += direct
+            if self.spoll is not sp:
+                self._direct_lost(sp)
         return changed
 
     def close(self) -> None:
@@ -628,8 +773,16 @@ def forget_all() -> None:
         forget_map(st.map)
 
 
+#: Bumped by _states_changed(): run() looks its held state up again only then.
+_states_gen = 0
+
+
 def _states_changed() -> None:
-    # The C loop caches a MapState and per-class facts across iterations.
+    # The loops cache a MapState (the C loop: and per-class facts) across
+    # iterations: a held state can only be replaced (fork) or told to
+    # reconcile in full (forget_map) through here.
+    global _states_gen
+    _states_gen += 1
     if _crun is not None:
         from . import _cloop
         _cloop.states_changed()
@@ -807,6 +960,8 @@ def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     reconcile, consult, flush the batch, adapt.  -> ms to wait (< 0: block),
     or _DONE.  Shared by the Python loop and the C loop (which calls it only
     when one of these steps has work to do, see fa_cloop.c)."""
+    if st.disp is not None:
+        st._freeze()        # a nested iteration, from a handler
     resume_ms = -1
     if st.suspended:
         resume_ms = _resume_due(st)
@@ -913,10 +1068,16 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     nit = nev = room = 0
     owner = mask = pending = consulted = batch = None
     extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
+    w_only = extra | POLLOUT
+    gen = -1
     try:
         while left and map:
             left -= 1
-            cur = states.get(key)
+            if st is None or gen != _states_gen:
+                cur = states.get(key)
+                gen = _states_gen
+            else:
+                cur = st
             if cur is not st:
                 # first iteration, or the state was dropped (fork, forget)
                 if st is not None:
@@ -964,19 +1125,31 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     else:
                         # consult()'s plain loop, inline (few consulted
                         # channels, none suspended: the light path's terms)
+                        sp = st.spoll if st.poller is None else None
                         for cfd, cobj, call_r, call_w in snap:
-                            m = _READ if (not call_r or cobj.readable()) else 0
-                            if not call_w or cobj.writable():
-                                m |= extra
-                                if not cobj.accepting:
-                                    m |= POLLOUT
+                            if not call_r or cobj.readable():
+                                if not call_w or cobj.writable():
+                                    m = _READ if cobj.accepting else _RW
+                                else:
+                                    m = _READ
+                            elif not call_w or cobj.writable():
+                                m = extra if cobj.accepting else w_only
+                            else:
+                                m = 0
                             cm = mask.get(cfd, 0)
                             if cm != m:
                                 if cm and m:
                                     mask[cfd] = m
-                                    batch[cfd] = m
+                                    if sp is None:
+                                        batch[cfd] = m
+                                    else:
+                                        sp.register(cfd, m)
+                                        st.sreg[cfd] = m
+                                        st.nchg += 1
                                 elif owner.get(cfd) is cobj:  # not closed meanwhile
                                     st._set_mask(cfd, m)
+                        if sp is not None and st.spoll is not sp:
+                            st._direct_lost(sp)
                         # (st.cprev only matters to the vectorized pass)
                     if pending or len(map) != len(owner):
                         st.reconcile()
@@ -1111,54 +1284,62 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                 pending.add(fd)
         return
-    # 3.11 order: every read, then every write, then every exception.
-    reads: List[Tuple[Any, Any]] = []
+    # 3.11 order: every read, then every write, then every exception; each
+    # event goes to the fd's owner, and is filtered by its interest, as they
+    # were when the wait returned.  The reads run in the same pass as the
+    # lookups (no list of them): until a handler changes an owner or a mask
+    # (_drop(): a channel closed; _prepare(): a nested iteration), the
+    # current ones are those, and the first such change freezes them for
+    # the rest of the pass (MapState._freeze(): ctx[0], ctx[1] redirected).
     writes: Optional[List[Tuple[Any, Any]]] = None
     expts: Optional[List[Tuple[Any, Any]]] = None
-    mask = st.mask
-    for fd, ev in events:
-        obj = owner.get(fd)
-        if obj is None:
-            continue
-        if ev == POLLIN:
-            # The common case.  The kernel reports POLLIN only for fds
-            # registered for it, so the mask test below is moot here.
-            reads.append((fd, obj))
-            continue
-        m = mask.get(fd, 0)
-        if ev == POLLOUT:
-            if m & POLLOUT:
-                if writes is None:
-                    writes = [(fd, obj)]
-                else:
+    ctx = [owner.get, st.mask.get, events]
+    outer = st.disp
+    st.disp = ctx
+    try:
+        for fd, ev in events:
+            obj = ctx[0](fd)
+            if obj is None:
+                continue
+            if ev != POLLIN:
+                # (POLLIN alone, the common case: the kernel reports it only
+                # for fds registered for it, so the mask test is moot.)
+                m = ctx[1](fd, 0)
+                if ev == POLLOUT:
+                    if m & POLLOUT:
+                        if writes is None:
+                            writes = [(fd, obj)]
+                        else:
+                            writes.append((fd, obj))
+                    continue
+                if ev & POLLNVAL:
+                    # select() would fail with EBADF; poll() reports NVAL.
+                    # Let the dispatcher see it as a read (its recv then
+                    # fails with EBADF, which asyncore turns into
+                    # handle_close()).
+                    ev |= POLLIN | POLLOUT
+                if m & POLLOUT and ev & (POLLOUT | POLLERR | POLLHUP):
+                    if writes is None:
+                        writes = []
                     writes.append((fd, obj))
-            continue
-        if ev & POLLNVAL:
-            # select() would fail with EBADF; poll() reports NVAL.  Let the
-            # dispatcher see it as a read (its recv then fails with EBADF,
-            # which asyncore turns into handle_close()).
-            ev |= POLLIN | POLLOUT
-        if m & POLLIN and ev & (POLLIN | POLLHUP | POLLERR):
-            reads.append((fd, obj))
-        if m & POLLOUT and ev & (POLLOUT | POLLERR | POLLHUP):
-            if writes is None:
-                writes = []
-            writes.append((fd, obj))
-        if m & POLLPRI and ev & POLLPRI:
-            if expts is None:
-                expts = []
-            expts.append((fd, obj))
-    # 3.11's read()/write()/_exception(): the same exception routing.
-    for fd, obj in reads:
-        if map.get(fd) is obj:
-            try:
-                obj.handle_read_event()
-            except REraised:
-                raise
-            except BaseException:
-                obj.handle_error()
-            if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
-                pending.add(fd)
+                if m & POLLPRI and ev & POLLPRI:
+                    if expts is None:
+                        expts = []
+                    expts.append((fd, obj))
+                if not (m & POLLIN and ev & (POLLIN | POLLHUP | POLLERR)):
+                    continue
+            # 3.11's read()/write()/_exception(): the same exception routing.
+            if map.get(fd) is obj:
+                try:
+                    obj.handle_read_event()
+                except REraised:
+                    raise
+                except BaseException:
+                    obj.handle_error()
+                if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
+                    pending.add(fd)
+    finally:
+        st.disp = outer
     if writes is not None:
         for fd, obj in writes:
             if map.get(fd) is obj:

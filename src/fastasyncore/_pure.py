@@ -55,7 +55,8 @@ def _select_bits_are_poll_bits() -> bool:
 
 # Translation between the select module's poll bits and poll(2)'s canonical
 # ones (identity everywhere we know of; kept for exotic platforms).
-if _select_bits_are_poll_bits():
+_SAME_BITS = _select_bits_are_poll_bits()
+if _SAME_BITS:
     def _from_select(bits: int) -> int:
         return bits & _REPORTED
 
@@ -201,33 +202,41 @@ class Poller:
         """Apply pending changes, wait up to timeout_ms (< 0 blocks), return ready pairs."""
         if self.closed:
             raise ValueError("I/O operation on a closed poller")
-        if timeout_ms is None or timeout_ms < 0:
+        if type(timeout_ms) is int:     # the loop's case: no float round trip
+            tmo = -1 if timeout_ms < 0 else (
+                timeout_ms if timeout_ms <= _INT_MAX else _INT_MAX)
+        elif timeout_ms is None or timeout_ms < 0:
             tmo = -1
         else:
             tmo = min(int(_math.ceil(timeout_ms)), _INT_MAX)
         if self._pending:
             self._apply()
         out: List[Tuple[int, int]] = []
-        for fd, (ev, nval) in self._refused.items():
-            rev = POLLNVAL if nval else ev & (POLLIN | POLLOUT)
-            if rev:
-                out.append((fd, rev))
-        if out:
-            tmo = 0  # poll(2) would not block either
+        if self._refused:
+            for fd, (ev, nval) in self._refused.items():
+                rev = POLLNVAL if nval else ev & (POLLIN | POLLOUT)
+                if rev:
+                    out.append((fd, rev))
+            if out:
+                tmo = 0  # poll(2) would not block either
         kind = self.kind
         # The select module retries EINTR itself with the remaining time and
         # runs signal handlers (PEP 475); one that raises propagates.
         if kind == "epoll":
             kreg = self._kreg
-            for fd, ev in self._obj.poll(-1 if tmo < 0 else tmo / 1000.0,
-                                         max(len(kreg), 1)):
-                if fd in kreg:  # else: a stale registration (see fa_poller.c)
-                    out.append((fd, ev & _REPORTED))
+            ready = self._obj.poll(-1 if tmo < 0 else tmo / 1000.0, len(kreg) or 1)
+            if ready:
+                # (an fd not in kreg: a stale registration, see fa_poller.c)
+                out += [(fd, ev & _REPORTED) for fd, ev in ready if fd in kreg]
             if not out and tmo != 0:
                 self._sweep_closed()
         elif kind == "poll":
-            for fd, ev in self._obj.poll(tmo):
-                out.append((fd, _from_select(ev)))
+            ready = self._obj.poll(tmo)
+            if ready:
+                if _SAME_BITS:
+                    out += [(fd, ev & _REPORTED) for fd, ev in ready]
+                else:  # pragma: no cover - no such platform in CI
+                    out += [(fd, _from_select(ev)) for fd, ev in ready]
         elif kind == "kqueue":
             out.extend(self._kqueue_wait(tmo))
             if not out and tmo != 0:
@@ -261,10 +270,12 @@ class Poller:
     def _apply(self) -> None:
         pending = self._pending
         change = getattr(self, "_change_" + self.kind)
+        refused = self._refused
         while pending:
-            fd, ev = next(iter(pending.items()))
-            del pending[fd]  # consumed even if it fails, as in C
-            self._refused.pop(fd, None)
+            fd = next(iter(pending))
+            ev = pending.pop(fd)  # consumed even if it fails, as in C
+            if refused:
+                refused.pop(fd, None)
             change(fd, ev)
 
     def _change_epoll(self, fd: int, ev: int) -> None:
