@@ -80,6 +80,8 @@ else:
     #define FA_POLLERR  0x08
     #define FA_POLLHUP  0x10
     #define FA_POLLNVAL 0x20
+    #define FA_POLLFAULT 0x8000
+    #define FA_FAULT_SHIFT 16
     #define FA_KIND_EPOLL  1
     #define FA_KIND_KQUEUE 2
     #define FA_KIND_POLL   3

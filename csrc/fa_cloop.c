@@ -62,7 +62,7 @@ static struct {
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
-    *g_sleep, *g_state, *g_cmasks;
+    *g_sleep, *g_state, *g_cmasks, *g_route_fault;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
 static fa_poll_fn g_poll;      /* the core's fa_poll_once */
 /* _loop.forget_all() / fork: bumped by states_changed(), so a run() holding
@@ -586,7 +586,27 @@ still_owner(PyObject *map, PyObject *key, PyObject *obj)
 typedef struct {
     PyObject *key;
     PyObject *obj;
+    int err;        /* a refused fd (FA_POLLFAULT): its errno; else 0 */
 } item;
+
+/* An fd the poller refused (FA_POLLFAULT in ev, rare): _loop._route_fault
+ * raises the OSError 3.11 would have seen from the socket and routes it as
+ * readwrite() does (handle_close() for the disconnect errnos, handle_error()
+ * otherwise).  In Python, because handle_error() needs a traceback, which
+ * the limited API cannot make.  0, or -1 with the handler's error set. */
+static int
+route_fault(PyObject *obj, int ev)
+{
+    PyObject *e = PyLong_FromLong(ev), *r;
+    if (e == NULL)
+        return -1;
+    r = PyObject_CallFunctionObjArgs(g_route_fault, obj, e, NULL);
+    Py_DECREF(e);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
 
 static int
 dispatch_poll(loopst *c, PyObject *map, evbuf *b)
@@ -612,6 +632,10 @@ dispatch_poll(loopst *c, PyObject *map, evbuf *b)
             goto out;
         }
         Py_INCREF(obj);               /* held until its last call returned */
+        if (ev & FA_POLLFAULT) {
+            s = route_fault(obj, ev);
+            goto done;
+        }
         /* 3.11 readwrite(): read, write, priority, close; stop when a
          * handler closed the channel (our fix: no handler after close()) */
         s = 0;
@@ -702,11 +726,13 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
                 goto out;
             continue;
         }
-        if (ev == FA_POLLIN) {
+        if (ev == FA_POLLIN || (ev & FA_POLLFAULT)) {
             /* the common case; the kernel reports POLLIN only for fds
-             * registered for it, so the mask test is moot */
+             * registered for it, so the mask test is moot.  A refused fd is
+             * routed in the read pass (_loop._dispatch does the same). */
             Py_INCREF(obj);
             todo[0][cnt[0]].key = key;
+            todo[0][cnt[0]].err = (ev & FA_POLLFAULT) ? ev : 0;
             todo[0][cnt[0]++].obj = obj;
             continue;
         }
@@ -728,18 +754,21 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             Py_INCREF(key);
             Py_INCREF(obj);
             todo[0][cnt[0]].key = key;
+            todo[0][cnt[0]].err = 0;
             todo[0][cnt[0]++].obj = obj;
         }
         if ((m & FA_POLLOUT) && (ev & (FA_POLLOUT | FA_POLLERR | FA_POLLHUP))) {
             Py_INCREF(key);
             Py_INCREF(obj);
             todo[1][cnt[1]].key = key;
+            todo[1][cnt[1]].err = 0;
             todo[1][cnt[1]++].obj = obj;
         }
         if ((m & FA_POLLPRI) && (ev & FA_POLLPRI)) {
             Py_INCREF(key);
             Py_INCREF(obj);
             todo[2][cnt[2]].key = key;
+            todo[2][cnt[2]].err = 0;
             todo[2][cnt[2]++].obj = obj;
         }
         Py_DECREF(key);
@@ -752,6 +781,13 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
                 goto out;
             if (!s)
                 continue;
+            if (todo[k][i].err) {
+                if (route_fault(obj, todo[k][i].err) < 0)
+                    goto out;
+                if (recheck(consulted, pending, key, obj) < 0)
+                    goto out;
+                continue;
+            }
             r = call0(obj, names[k]);
             if (r == NULL) {
                 if (route(obj, 0) < 0)
@@ -1499,6 +1535,7 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||
         set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0 ||
         set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
+        set_ref(&g_route_fault, getattr_s(mod, "_route_fault")) < 0 ||
         set_ref(&g_state, getattr_s(mod, "_state")) < 0 ||
         set_ref(&g_cmasks, getattr_s(mod, "C_MASKS")) < 0)
         return NULL;

@@ -49,6 +49,15 @@
  * -> "always ready" for the POLLIN/POLLOUT part of the interest, until the fd
  * is modified or removed. While any such fd is reported the kernel wait uses a
  * zero timeout, exactly as poll(2) would return immediately.
+ *
+ * Any other per-fd refusal (EINVAL when the number is our own epoll/kqueue
+ * fd -- a stale channel whose socket was closed before the poller was
+ * created --, ELOOP, ENOSPC from max_user_watches, ...) must not fail the
+ * wait of every other fd: poll(2) has no such errors, and asyncore programs
+ * expect one bad channel to stay that channel's problem.  The fd is reported
+ * once as FA_POLLFAULT with the errno (fastasyncore.h) and then kept silent,
+ * not retried at each interest change (which would report it again and
+ * again), until it is removed.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -84,10 +93,16 @@ struct fa_fdent {
     int pos;    /* poll: index in pfds; kqueue: out index + 1 during a wait */
 };
 
+#define REF_READY 0    /* EPERM: always ready (the POLLIN/POLLOUT interest) */
+#define REF_NVAL 1     /* EBADF: POLLNVAL at every wait */
+#define REF_FAULT 2    /* other errno: FA_POLLFAULT at the next wait, then */
+#define REF_SILENT 3   /* ... nothing until removed */
+
 struct fa_refused {
     int fd;
     int events;
-    int nval; /* 1: EBADF -> POLLNVAL; 0: EPERM -> always ready */
+    int mode; /* REF_* */
+    int err;  /* REF_FAULT: the errno */
 };
 
 struct fa_poller {
@@ -161,25 +176,54 @@ static void ref_remove(fa_poller *p, size_t i)
     p->ref[i] = p->ref[--p->nref];
 }
 
-static int ref_add(fa_poller *p, int fd, int events, int nval)
+static int ref_add_err(fa_poller *p, int fd, int events, int mode, int err)
 {
     int rc = grow((void **)&p->ref, &p->refcap, p->nref + 1, sizeof(*p->ref));
     if (rc < 0)
         return rc;
     p->ref[p->nref].fd = fd;
     p->ref[p->nref].events = events;
-    p->ref[p->nref].nval = nval;
+    p->ref[p->nref].mode = mode;
+    p->ref[p->nref].err = err;
     p->nref++;
     return 0;
 }
 
-/* Report refused fds as poll(2) would; returns the number of pairs written. */
-static size_t report_refused(const fa_poller *p, int *out, size_t maxout)
+static int ref_add(fa_poller *p, int fd, int events, int nval)
+{
+    return ref_add_err(p, fd, events, nval ? REF_NVAL : REF_READY, 0);
+}
+
+/* The kernel refused fd with err: report it once (see the file comment).
+ * ENOMEM is ours, not the fd's: it fails the call. */
+static int ref_fault(fa_poller *p, int fd, int events, int err)
+{
+    if (err == ENOMEM || err <= 0)
+        return -(err > 0 ? err : EIO);
+    return ref_add_err(p, fd, events, REF_FAULT, err);
+}
+
+/* Report refused fds as poll(2) would, faults once; returns the number of
+ * pairs written. */
+static size_t report_refused(fa_poller *p, int *out, size_t maxout)
 {
     size_t i, nout = 0;
     for (i = 0; i < p->nref && nout < maxout; i++) {
-        int rev = p->ref[i].nval ? FA_POLLNVAL
-                                 : (p->ref[i].events & (FA_POLLIN | FA_POLLOUT));
+        int rev;
+        switch (p->ref[i].mode) {
+        case REF_NVAL:
+            rev = FA_POLLNVAL;
+            break;
+        case REF_READY:
+            rev = p->ref[i].events & (FA_POLLIN | FA_POLLOUT);
+            break;
+        case REF_FAULT:
+            rev = FA_POLLFAULT | (p->ref[i].err << FA_FAULT_SHIFT);
+            p->ref[i].mode = REF_SILENT;
+            break;
+        default:
+            rev = 0;
+        }
         if (rev) {
             out[2 * nout] = p->ref[i].fd;
             out[2 * nout + 1] = rev;
@@ -259,7 +303,7 @@ static int epoll_change(fa_poller *p, int fd, int ev)
         if (err == EBADF)
             return ref_add(p, fd, ev, 1);
         if (err != ENOENT) /* ENOENT: closed (and maybe reused): add afresh */
-            return -err;
+            return ref_fault(p, fd, ev, err);
     }
     if (epoll_ctl(p->kfd, EPOLL_CTL_ADD, fd, &e) < 0) {
         err = errno;
@@ -269,7 +313,7 @@ static int epoll_change(fa_poller *p, int fd, int ev)
             return ref_add(p, fd, ev, 0);
         if (err == EBADF)
             return ref_add(p, fd, ev, 1);
-        return -err;
+        return ref_fault(p, fd, ev, err); /* EINVAL (our own fd), ELOOP, ENOSPC */
     }
 added:
     rc = tab_reserve(p, fd);
@@ -384,7 +428,7 @@ static int kq_change(fa_poller *p, int fd, int ev)
             return ref_add(p, fd, ev, 1);
         if (err == EPERM || err == EINVAL || err == ENODEV)
             return ref_add(p, fd, ev, 0);
-        return -err;
+        return ref_fault(p, fd, ev, err);
     }
     if (ev == 0) {
         if ((size_t)fd < p->tabcap)
@@ -620,8 +664,23 @@ static int apply_change(fa_poller *p, int fd, int ev)
         return 0; /* the Python layer rejects these; never index with them */
     ev &= FA_INTEREST;
     ri = ref_find(p, fd);
-    if (ri >= 0)
+    if (ri >= 0) {
+        int mode = p->ref[ri].mode;
+        if (ev && (mode == REF_FAULT || mode == REF_SILENT)) {
+            /* a refused fd is not retried at each interest change (it would
+             * be reported again and again): only removal clears it */
+            p->ref[ri].events = ev;
+            return 0;
+        }
         ref_remove(p, (size_t)ri);
+    }
+    if (ev && fd == p->kfd) {
+        /* Our own epoll/kqueue fd under a map key: a stale channel whose
+         * socket was closed before this poller took the number.  epoll says
+         * EINVAL itself; kqueue might accept it, or say EINVAL, which its
+         * "always ready" rule (vnodes) would turn into a spin. */
+        return ref_fault(p, fd, ev, EINVAL);
+    }
     switch (p->kind) {
 #ifdef FA_HAVE_EPOLL
     case FA_KIND_EPOLL:

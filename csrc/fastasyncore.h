@@ -25,6 +25,14 @@
 #define FA_POLLERR  0x08
 #define FA_POLLHUP  0x10
 #define FA_POLLNVAL 0x20
+/* Not a poll(2) bit: the kernel refused this fd when we registered or changed
+ * it, with the errno in the bits above FA_FAULT_SHIFT (EINVAL: the number is
+ * the poller's own fd, ELOOP, ENOSPC: max_user_watches, ...).  Reported once;
+ * the loop routes it to the channel as 3.11 routes an OSError from its socket
+ * (handle_close() for the disconnect errnos, handle_error() otherwise).  The
+ * fd then stays silent (not retried) until it is removed (events == 0). */
+#define FA_POLLFAULT 0x8000
+#define FA_FAULT_SHIFT 16
 
 /* Poller kinds (FA_KIND_*); which ones exist is decided at compile time. */
 #define FA_KIND_EPOLL  1

@@ -27,8 +27,8 @@ except ImportError:  # pragma: no cover
 
 REQUIRE_CORE = os.environ.get("FASTASYNCORE_REQUIRE_CORE") == "1"
 NAMES = ("NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
-         "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
-         "scan", "prefix_at_end", "poll_list")
+         "POLLHUP", "POLLNVAL", "POLLFAULT", "FAULT_SHIFT", "Poller", "send",
+         "recv", "sendv", "SendQueue", "scan", "prefix_at_end", "poll_list")
 
 
 def _load(name):
@@ -96,6 +96,7 @@ def test_exports(be):
     assert be.NAME in ("pure", "cffi")
     assert (be.POLLIN, be.POLLPRI, be.POLLOUT, be.POLLERR, be.POLLHUP,
             be.POLLNVAL) == (1, 2, 4, 8, 16, 32)
+    assert (be.POLLFAULT, be.FAULT_SHIFT) == (0x8000, 16)
     assert be.POLLER_KINDS and set(be.POLLER_KINDS) <= {"epoll", "kqueue", "poll", "select"}
     if sys.platform.startswith("linux"):
         assert be.POLLER_KINDS[0] == "epoll"

@@ -18,7 +18,7 @@ from ._core import ffi, lib  # ImportError when the core is not built
 
 __all__ = [
     "NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
-    "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
+    "POLLHUP", "POLLNVAL", "POLLFAULT", "FAULT_SHIFT", "Poller", "send", "recv", "sendv", "SendQueue",
     "scan", "prefix_at_end", "poll_list",
 ]
 
@@ -30,6 +30,8 @@ POLLOUT = lib.FA_POLLOUT
 POLLERR = lib.FA_POLLERR
 POLLHUP = lib.FA_POLLHUP
 POLLNVAL = lib.FA_POLLNVAL
+POLLFAULT = lib.FA_POLLFAULT        # a refused fd, once (fastasyncore.h)
+FAULT_SHIFT = lib.FA_FAULT_SHIFT
 
 _INTEREST = POLLIN | POLLPRI | POLLOUT
 _KIND_NAMES = {lib.FA_KIND_EPOLL: "epoll", lib.FA_KIND_KQUEUE: "kqueue",

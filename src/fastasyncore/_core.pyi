@@ -24,6 +24,8 @@ class _Lib:
     FA_POLLERR: int
     FA_POLLHUP: int
     FA_POLLNVAL: int
+    FA_POLLFAULT: int
+    FA_FAULT_SHIFT: int
     FA_KIND_EPOLL: int
     FA_KIND_KQUEUE: int
     FA_KIND_POLL: int

@@ -49,6 +49,10 @@ POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 _READ = POLLIN | POLLPRI
 _RW = _READ | POLLOUT
 _CLOSE_BITS = POLLHUP | POLLERR | POLLNVAL
+# Not a poll(2) bit: the poller refused the fd, errno above _FAULT_SHIFT
+# (both backends' POLLFAULT/FAULT_SHIFT; csrc/fastasyncore.h).
+_FAULT = 0x8000
+_FAULT_SHIFT = 16
 
 
 class ExitNow(Exception):
@@ -239,7 +243,7 @@ class MapState:
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
-                 "spoll", "sreg", "disp", "__weakref__")
+                 "spoll", "sreg", "disp", "dead", "faults", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -275,6 +279,11 @@ class MapState:
         # [owner.get, mask.get, events] of a select-mode dispatch pass in
         # progress (_dispatch()); _freeze() points the first two at copies.
         self.disp: Optional[List[Any]] = None
+        # fd -> channel never registered: its socket was closed (fileno()
+        # -1) when the loop met it; the fault is routed once (faults, by
+        # reconcile()), then it stays silent until it leaves the map.
+        self.dead: Dict[Any, Any] = {}
+        self.faults: List[Tuple[Any, Any]] = []
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
@@ -404,6 +413,8 @@ class MapState:
     def _drop(self, fd: Any) -> None:
         if self.disp is not None:
             self._freeze()
+        if self.dead:
+            self.dead.pop(fd, None)
         self.owner.pop(fd, None)
         self.reclass.discard(fd)
         self.suspended.pop(fd, None)
@@ -424,6 +435,20 @@ class MapState:
         return obj._fa_mask()
 
     def _adopt(self, fd: Any, obj: Any) -> None:
+        if self.dead.get(fd) is obj or _socket_closed(obj):
+            # Closed behind the dispatcher before the loop met it: its old
+            # number may belong to anything now (our own poller, another
+            # socket), so it is never registered.  3.11 would get EBADF
+            # from select() (or POLLNVAL): routed as such, once.
+            self.owner[fd] = obj
+            if self.consulted.pop(fd, None) is not None:
+                self.csnap = None
+            if fd in self.mask:
+                self._set_mask(fd, 0)
+            if fd not in self.dead:
+                self.dead[fd] = obj
+                self.faults.append((fd, obj))
+            return
         managed, call_r, call_w = _classify(obj)
         self.owner[fd] = obj
         if managed:
@@ -449,14 +474,19 @@ class MapState:
             self.consulted.clear()
             self.csnap = None
             reclass = self.reclass
+            dead = self.dead
             for fd, obj in list(m.items()):
                 if self.owner.get(fd) is obj and fd not in old and fd not in reclass:
+                    if dead and dead.get(fd) is obj:
+                        continue
                     mm = self._managed_mask(fd, obj)
                     self._set_mask(fd, mm)
                     obj._fa_regmask = mm
                 else:
                     self._adopt(fd, obj)
             reclass.clear()
+            if self.faults:
+                self._route_faults()
             return
         pending = self.pending
         owner = self.owner
@@ -472,6 +502,8 @@ class MapState:
             elif owner.get(fd) is not obj:
                 self._drop(fd)
                 self._adopt(fd, obj)
+            elif self.dead and fd in self.dead:
+                continue            # never registered (see _adopt)
             elif self.reclass and fd in self.reclass:
                 self.reclass.discard(fd)
                 self._adopt(fd, obj)
@@ -495,6 +527,18 @@ class MapState:
                 obj._fa_regmask = new
         if sp is not None and self.spoll is not sp:
             self._direct_lost(sp)
+        if self.faults:
+            self._route_faults()
+
+    def _route_faults(self) -> None:
+        # After the bookkeeping (a handler may close or add channels): the
+        # channels _adopt() found closed, each routed once, if still mapped.
+        faults = self.faults
+        m = self.map
+        while faults:
+            fd, obj = faults.pop(0)
+            if m.get(fd) is obj:
+                _route_fault(obj, _FAULT | errno.EBADF << _FAULT_SHIFT)
 
     def snapshot(self) -> Tuple[Any, ...]:
         """The consulted channels as a tuple, in map order (cached)."""
@@ -816,7 +860,33 @@ def poller_kind() -> str:
 
 
 
+def _socket_closed(obj: Any) -> bool:
+    """obj's socket says fileno() == -1: closed without close()."""
+    try:
+        return obj.socket.fileno() == -1
+    except Exception:
+        return False
+
+
+def _route_fault(obj: Any, ev: int) -> None:
+    """A refused fd (POLLFAULT: errno in ev's high bits) reaches its channel
+    as 3.11's readwrite() routes an OSError from the socket: handle_close()
+    for the disconnect errnos, handle_error() otherwise (inside the except
+    clause, so that handle_error() sees it).  fa_cloop.c: set_fault()."""
+    err = ev >> _FAULT_SHIFT
+    try:
+        raise OSError(err, os.strerror(err))
+    except OSError:
+        if err in DISCONNECTED:
+            obj.handle_close()
+        else:
+            obj.handle_error()
+
+
 def _readwrite(obj: Any, flags: int, map: Dict[Any, Any], fd: Any) -> None:
+    if flags & _FAULT:
+        _route_fault(obj, flags)
+        return
     try:
         if flags & POLLIN:
             obj.handle_read_event()
@@ -1304,6 +1374,13 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if ev != POLLIN:
                 # (POLLIN alone, the common case: the kernel reports it only
                 # for fds registered for it, so the mask test is moot.)
+                if ev & _FAULT:
+                    # a refused fd: routed in the read pass (as in C)
+                    if map.get(fd) is obj:
+                        _route_fault(obj, ev)
+                        if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
+                            pending.add(fd)
+                    continue
                 m = ctx[1](fd, 0)
                 if ev == POLLOUT:
                     if m & POLLOUT:

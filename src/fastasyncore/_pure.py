@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple
 
 __all__ = [
     "NAME", "POLLER_KINDS", "POLLIN", "POLLPRI", "POLLOUT", "POLLERR",
-    "POLLHUP", "POLLNVAL", "Poller", "send", "recv", "sendv", "SendQueue",
+    "POLLHUP", "POLLNVAL", "POLLFAULT", "FAULT_SHIFT", "Poller", "send", "recv", "sendv", "SendQueue",
     "scan", "prefix_at_end", "poll_list",
 ]
 
@@ -33,6 +33,12 @@ POLLNVAL = 0x20
 
 _INTEREST = POLLIN | POLLPRI | POLLOUT
 _REPORTED = 0x3F
+# Not a poll(2) bit: the kernel refused the fd (register/modify) with the
+# errno in the bits from FAULT_SHIFT up; reported once (fastasyncore.h).
+POLLFAULT = 0x8000
+FAULT_SHIFT = 16
+# _refused modes (fa_poller.c's REF_*)
+_REF_READY, _REF_NVAL, _REF_FAULT, _REF_SILENT = 0, 1, 2, 3
 _INT_MAX = 2**31 - 1
 _RECV_MAX = 65536
 _IOV_MAX = 1024
@@ -131,7 +137,8 @@ class Poller:
         self._reg: Dict[int, int] = {}       # recorded interest
         self._pending: Dict[int, int] = {}   # changes not yet applied
         self._kreg: Dict[int, int] = {}      # what the kernel object holds
-        self._refused: Dict[int, Tuple[int, bool]] = {}  # fd -> (events, nval)
+        # fd -> (events, mode, errno): the poll(2) emulation (fa_poller.c)
+        self._refused: Dict[int, Tuple[int, int, int]] = {}
         self._sweep_pos = 0
         if kind == "epoll":
             self._obj = _select.epoll()  # EPOLL_CLOEXEC, as in C
@@ -213,10 +220,16 @@ class Poller:
             self._apply()
         out: List[Tuple[int, int]] = []
         if self._refused:
-            for fd, (ev, nval) in self._refused.items():
-                rev = POLLNVAL if nval else ev & (POLLIN | POLLOUT)
-                if rev:
-                    out.append((fd, rev))
+            refused = self._refused
+            for fd, (ev, mode, err) in list(refused.items()):
+                if mode == _REF_NVAL:
+                    out.append((fd, POLLNVAL))
+                elif mode == _REF_READY:
+                    if ev & (POLLIN | POLLOUT):
+                        out.append((fd, ev & (POLLIN | POLLOUT)))
+                elif mode == _REF_FAULT:
+                    out.append((fd, POLLFAULT | err << FAULT_SHIFT))
+                    refused[fd] = (ev, _REF_SILENT, err)
             if out:
                 tmo = 0  # poll(2) would not block either
         kind = self.kind
@@ -263,7 +276,7 @@ class Poller:
         self._sweep_pos = start + len(batch)
         for fd in batch:
             if _fd_is_closed(fd):
-                self._refused[fd] = (kreg.pop(fd), True)
+                self._refused[fd] = (kreg.pop(fd), _REF_NVAL, 0)
 
     # -- applying changes ------------------------------------------------------
 
@@ -271,12 +284,28 @@ class Poller:
         pending = self._pending
         change = getattr(self, "_change_" + self.kind)
         refused = self._refused
+        own = self.fileno()
         while pending:
             fd = next(iter(pending))
             ev = pending.pop(fd)  # consumed even if it fails, as in C
-            if refused:
-                refused.pop(fd, None)
+            if refused and fd in refused:
+                old = refused[fd]
+                if old[1] >= _REF_FAULT:
+                    # not retried at each interest change: only removal clears it
+                    refused[fd] = (ev, old[1], old[2])
+                    continue
+                del refused[fd]
+            if fd == own:
+                # our own epoll/kqueue fd under a map key (see apply_change)
+                refused[fd] = (ev, _REF_FAULT, _errno.EINVAL)
+                continue
             change(fd, ev)
+
+    def _fault(self, fd: int, ev: int, exc: OSError) -> None:
+        # Any other refusal of one fd is that fd's, reported once (fa_poller.c).
+        if exc.errno is None or exc.errno == _errno.ENOMEM:
+            raise exc
+        self._refused[fd] = (ev, _REF_FAULT, exc.errno)
 
     def _change_epoll(self, fd: int, ev: int) -> None:
         ep, kreg = self._obj, self._kreg
@@ -298,10 +327,11 @@ class Poller:
             except OSError as exc:
                 del kreg[fd]
                 if exc.errno == _errno.EBADF:
-                    self._refused[fd] = (ev, True)
+                    self._refused[fd] = (ev, _REF_NVAL, 0)
                     return
                 if exc.errno != _errno.ENOENT:
-                    raise
+                    self._fault(fd, ev, exc)
+                    return
         try:
             ep.register(fd, ev)
         except OSError as exc:
@@ -311,16 +341,18 @@ class Poller:
                     ep.modify(fd, ev)
                 except OSError as exc2:
                     err = exc2.errno
+                    exc = exc2
                 else:
                     kreg[fd] = ev
                     return
             if err == _errno.EPERM:
-                self._refused[fd] = (ev, False)
+                self._refused[fd] = (ev, _REF_READY, 0)
                 return
             if err == _errno.EBADF:
-                self._refused[fd] = (ev, True)
+                self._refused[fd] = (ev, _REF_NVAL, 0)
                 return
-            raise
+            self._fault(fd, ev, exc)    # EINVAL (our own fd), ELOOP, ENOSPC
+            return
         kreg[fd] = ev
 
     def _change_poll(self, fd: int, ev: int) -> None:
@@ -373,11 +405,11 @@ class Poller:
         if ev == 0:
             return
         if err == _errno.EBADF:
-            self._refused[fd] = (ev, True)
+            self._refused[fd] = (ev, _REF_NVAL, 0)
         elif err in (_errno.EPERM, _errno.EINVAL, _errno.ENODEV):
-            self._refused[fd] = (ev, False)
+            self._refused[fd] = (ev, _REF_READY, 0)
         else:
-            raise OSError(err, _os.strerror(err))
+            self._fault(fd, ev, OSError(err, _os.strerror(err)))
 
     # -- waiting ---------------------------------------------------------------------
 
@@ -424,7 +456,7 @@ class Poller:
                 if not bad:
                     raise
                 for fd in bad:
-                    self._refused[fd] = (kreg.pop(fd), True)
+                    self._refused[fd] = (kreg.pop(fd), _REF_NVAL, 0)
                 return [(fd, POLLNVAL) for fd in bad]
         ready: Dict[int, int] = {}
         for fds, bit in ((rr, POLLIN), (ww, POLLOUT), (xx, POLLPRI)):
