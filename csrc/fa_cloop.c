@@ -56,13 +56,14 @@ static struct {
         *reg, *addr, *freed, *free_after_close, *acquire, *release,
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
-        *connected, *nbytes, *producer_fifo;
+        *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
+        *timeout_ms;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
-    *g_sleep, *g_state, *g_cmasks, *g_route_fault;
+    *g_sleep, *g_state, *g_cmasks, *g_route_fault, *g_svc_run;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
 static fa_poll_fn g_poll;      /* the core's fa_poll_once */
 /* _loop.forget_all() / fork: bumped by states_changed(), so a run() holding
@@ -202,7 +203,29 @@ typedef struct {
     int ran_python;               /* the last iteration called a handler */
     unsigned long gen;            /* g_states_gen when st was taken */
     int check_full;               /* st.full may be set: read it */
+    /* Loop services (_services.py): st.svc (NULL for None: then nothing
+     * runs around the wait), read when st is taken and whenever the states'
+     * generation moves (attach_services() moves it); st.wakefd, the wake-up
+     * fd every wait watches and no channel owns; woke: the wait reported it. */
+    PyObject *svc;
+    int wakefd;
+    int woke;
 } loopst;
+
+/* c->svc = st.svc (NULL for None).  0 or -1. */
+static int
+read_svc(loopst *c)
+{
+    PyObject *v = PyObject_GetAttr(c->st, S.svc);
+    if (v == NULL)
+        return -1;
+    Py_CLEAR(c->svc);
+    if (v == Py_None)
+        Py_DECREF(v);
+    else
+        c->svc = v;
+    return 0;
+}
 
 static void
 poller_forget(loopst *c)
@@ -310,8 +333,14 @@ loopst_take(loopst *c, PyObject *st, PyObject *me)
         PyErr_SetString(PyExc_TypeError, "unexpected MapState layout");
         goto fail;
     }
-    if (read_iters(c) < 0)
+    if (read_iters(c) < 0 || read_svc(c) < 0)
         goto fail;
+    {
+        long w;
+        if (attr_long(st, S.wakefd, &w) < 0)
+            goto fail;
+        c->wakefd = (w >= 0 && w <= INT_MAX) ? (int)w : -1;
+    }
     c->gen = g_states_gen;
     c->check_full = 1;
     return 0;
@@ -346,6 +375,7 @@ loopst_release(loopst *c, PyObject *map)
     Py_CLEAR(c->consulted);
     Py_CLEAR(c->batch);
     Py_CLEAR(c->suspended);
+    Py_CLEAR(c->svc);
     Py_CLEAR(c->st);
     if (had) {
         if (rc < 0) {
@@ -625,6 +655,8 @@ dispatch_poll(loopst *c, PyObject *map, evbuf *b)
             Py_DECREF(key);
             if (PyErr_Occurred())
                 goto out;
+            if (obj == NULL && b->pairs[2 * i] == c->wakefd)
+                c->woke = 1;
             continue;
         }
         if (s < 0) {
@@ -724,6 +756,8 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             Py_DECREF(key);
             if (PyErr_Occurred())
                 goto out;
+            if (b->pairs[2 * i] == c->wakefd)
+                c->woke = 1;
             continue;
         }
         if (ev == FA_POLLIN || (ev & FA_POLLFAULT)) {
@@ -985,13 +1019,14 @@ static int
 wait_stateless(loopst *c, long ms, evbuf *b)
 {
     Py_ssize_t n = PyDict_Size(c->mask), pos = 0, k = 0;
+    Py_ssize_t need = n + (c->wakefd >= 0);
     int local[2 * LOCAL_PAIRS], *fds = local, tmo, r, rc = -1;
     PyObject *key, *val;
     double deadline = 0.0;
 
-    if (n > LOCAL_PAIRS) {
-        if ((size_t)n > (size_t)PY_SSIZE_T_MAX / (2 * sizeof(int)) ||
-            !(fds = PyMem_Malloc((size_t)n * 2 * sizeof(int)))) {
+    if (need > LOCAL_PAIRS) {
+        if ((size_t)need > (size_t)PY_SSIZE_T_MAX / (2 * sizeof(int)) ||
+            !(fds = PyMem_Malloc((size_t)need * 2 * sizeof(int)))) {
             PyErr_NoMemory();
             return -1;
         }
@@ -1007,6 +1042,11 @@ wait_stateless(loopst *c, long ms, evbuf *b)
         }
         fds[2 * k] = (int)f;
         fds[2 * k + 1] = (int)e;
+        k++;
+    }
+    if (c->wakefd >= 0) {       /* never in the mask: _adopt refuses it */
+        fds[2 * k] = c->wakefd;
+        fds[2 * k + 1] = FA_POLLIN;
         k++;
     }
     if (evbuf_reserve(b, k > LOCAL_PAIRS ? k : LOCAL_PAIRS) < 0)
@@ -1305,8 +1345,9 @@ prepare(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
     if (timeout_ms(timeout, mode, ms_cache) < 0)
         return -1;
     *ms = *ms_cache;
-    if (select_mode && !PyDict_Size(c->mask)) {
-        /* 3.11's select() of empty lists: time.sleep(timeout) */
+    if (select_mode && !PyDict_Size(c->mask) && c->svc == NULL) {
+        /* 3.11's select() of empty lists: time.sleep(timeout) (with loop
+         * services the wait runs instead: it watches the wake-up fd) */
         r = PyObject_CallFunctionObjArgs(g_sleep, timeout, NULL);
         if (r == NULL)
             return -1;
@@ -1333,6 +1374,21 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
         return 0;
     if (fast < 0)
         return -1;
+    if (c->svc != NULL) {
+        /* the next due timer shortens the wait; calls or ready channels
+         * waiting make it 0 (Services.timeout_ms) */
+        PyObject *msv = PyLong_FromLong(ms), *r;
+        if (msv == NULL)
+            return -1;
+        r = PyObject_CallMethodObjArgs(c->svc, S.timeout_ms, msv, NULL);
+        Py_DECREF(msv);
+        if (r == NULL)
+            return -1;
+        ms = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (ms == -1 && PyErr_Occurred())
+            return -1;
+    }
     poller = PyObject_GetAttr(c->st, S.poller);
     if (poller == NULL)
         return -1;
@@ -1362,6 +1418,23 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
     if (b.n > 0) {
         if ((select_mode ? dispatch_select(c, map, &b) : dispatch_poll(c, map, &b)) < 0)
             goto out;
+    }
+    if (c->woke) {
+        /* the wake-up fd was reported: empty it (st._woken()) */
+        PyObject *r = call0(c->st, S.woken);
+        c->woke = 0;
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    if (c->svc != NULL) {
+        /* ready-now channels, thread-safe calls, due timers (_svc_run) */
+        PyObject *r = PyObject_CallFunctionObjArgs(
+            g_svc_run, c->st, map, select_mode ? Py_True : Py_False, NULL);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+        c->ran_python = 1;
     }
     rc = 0;
 out:
@@ -1427,6 +1500,8 @@ cloop_run(PyObject *self, PyObject *args)
             if (st != NULL && st == c.st) {
                 c.gen = g_states_gen;
                 c.check_full = 1;  /* forget_map() may have set st.full */
+                if (read_svc(&c) < 0)   /* attach_services() */
+                    goto fail;
             }
         }
         if (st == NULL) {
@@ -1536,6 +1611,7 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_loopdict, getattr_s(mod, "__dict__")) < 0 ||
         set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
         set_ref(&g_route_fault, getattr_s(mod, "_route_fault")) < 0 ||
+        set_ref(&g_svc_run, getattr_s(mod, "_svc_run")) < 0 ||
         set_ref(&g_state, getattr_s(mod, "_state")) < 0 ||
         set_ref(&g_cmasks, getattr_s(mod, "C_MASKS")) < 0)
         return NULL;
@@ -1583,6 +1659,10 @@ PyInit__cloop(void)
     INTERN(handle_write_event, "handle_write_event");
     INTERN(handle_expt_event, "handle_expt_event");
     INTERN(handle_close, "handle_close");
+    INTERN(svc, "svc");
+    INTERN(wakefd, "wakefd");
+    INTERN(woken, "_woken");
+    INTERN(timeout_ms, "timeout_ms");
     INTERN(handle_error, "handle_error");
     INTERN(fa_mask, "_fa_mask");
     INTERN(fa_regmask, "_fa_regmask");

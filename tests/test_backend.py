@@ -673,13 +673,25 @@ def test_close_from_another_thread_during_wait(poller, pair):
     mod, p = poller
     a, b = pair
     p.modify(a.fileno(), mod.POLLIN)
-    closer = threading.Timer(0.1, p.close)
+    lock = getattr(p, "_lock", None)    # the cffi poller's: held by wait()
+
+    def close_during_wait():
+        # Close once the wait is under way (not on a timer alone: under
+        # valgrind on a loaded machine 0.1 s can pass before wait() starts).
+        deadline = time.monotonic() + 2.0
+        while lock is not None and not lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        p.close()
+
+    closer = threading.Timer(0.1, close_during_wait)
     waker = threading.Timer(0.3, b.send, (b"x",))
     closer.start()
     waker.start()
     try:
         got = p.wait(3000)  # returns (woken by data); memory stays valid
         assert got in ([], [(a.fileno(), mod.POLLIN)])
+        closer.join()
         assert p.closed
         with pytest.raises(ValueError):
             p.wait(0)

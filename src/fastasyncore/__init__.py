@@ -5,10 +5,18 @@ before the first ``import asyncore`` so that legacy code gets these modules.
 """
 
 import sys
+from typing import Any
 
 from . import _backend
 
-__all__ = ["BACKEND", "LOOP", "POLLER", "__version__", "install"]
+__all__ = ["BACKEND", "LOOP", "POLLER", "__version__", "install",
+           "Timer", "call_later", "call_at", "call_every",
+           "call_soon_threadsafe", "wakeup"]
+
+#: the loop services, re-exported from fastasyncore.asyncore (lazily, so that
+#: ``import fastasyncore`` does not import asyncore)
+_SERVICES = ("Timer", "call_later", "call_at", "call_every",
+             "call_soon_threadsafe", "wakeup")
 
 __version__ = "0.1.0"
 
@@ -16,7 +24,7 @@ __version__ = "0.1.0"
 BACKEND: str = _backend.BACKEND
 
 
-def __getattr__(name: str) -> str:
+def __getattr__(name: str) -> Any:
     if name == "POLLER":
         from . import _loop
         return _loop.poller_kind()
@@ -24,6 +32,9 @@ def __getattr__(name: str) -> str:
         # "c": loop()/poll()/poll2() iterate in C (fastasyncore._cloop)
         from . import _loop
         return _loop.loop_impl()
+    if name in _SERVICES:
+        from . import asyncore
+        return getattr(asyncore, name)
     raise AttributeError("module 'fastasyncore' has no attribute %r" % name)
 
 

@@ -35,14 +35,14 @@ import time
 from types import MethodType as _MethodType
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from . import _backend
+from . import _backend, _services
 
 __all__ = [
     "ExitNow", "REraised", "DISCONNECTED", "POLLIN", "POLLPRI", "POLLOUT",
     "MapState", "poll_once", "touch", "note_added", "note_removed",
     "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
     "bound_is", "reclassify", "INHERITED", "LOOP_VALID", "c_run",
-    "loop_impl", "set_loop", "run",
+    "loop_impl", "set_loop", "run", "attach_services", "ready_now", "wakeup",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -243,11 +243,17 @@ class MapState:
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
-                 "spoll", "sreg", "disp", "dead", "faults", "__weakref__")
+                 "spoll", "sreg", "disp", "dead", "faults", "svc", "wake",
+                 "wakefd", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
-        self.poller: Optional[Any] = _new_poller()
+        # The wake-up fd (_services.Waker): watched by every wait of this
+        # state, never a key of the map (_adopt refuses it as one).
+        self.wake = _services.Waker()
+        self.wakefd: int = self.wake.rfd
+        self.svc: Optional[_services.Services] = _services.lookup(map)
+        self.poller: Optional[Any] = self._new_poller()
         # The containers below are never replaced, only mutated: the C loop
         # (fa_cloop.c) holds them for the whole of a loop() call.
         self.owner: Dict[Any, Any] = {}       # fd -> object the kernel entry is for
@@ -283,7 +289,17 @@ class MapState:
         # -1) when the loop met it; the fault is routed once (faults, by
         # reconcile()), then it stays silent until it leaves the map.
         self.dead: Dict[Any, Any] = {}
-        self.faults: List[Tuple[Any, Any]] = []
+        self.faults: List[Tuple[Any, Any, int]] = []
+
+    def _new_poller(self) -> Any:
+        poller = _new_poller()
+        if self.wakefd >= 0:
+            poller.modify(self.wakefd, POLLIN)
+        return poller
+
+    def _woken(self) -> None:
+        # The wait reported the wake-up fd (which no channel owns).
+        self.wake.drain()
 
     # -- interest ----------------------------------------------------------
     def _set_mask(self, fd: Any, m: int) -> None:
@@ -392,7 +408,7 @@ class MapState:
                 self.poller = None
                 self.spoll = self.sreg = None    # built at the first wait
         elif (n > 2 * churn and n > 2 * busy) or n > _REBUILD_MAX_FDS:
-            poller = _new_poller()
+            poller = self._new_poller()
             for fd, m in self.mask.items():
                 poller.modify(fd, m)
             self.poller = poller
@@ -435,11 +451,18 @@ class MapState:
         return obj._fa_mask()
 
     def _adopt(self, fd: Any, obj: Any) -> None:
+        err = 0
         if self.dead.get(fd) is obj or _socket_closed(obj):
             # Closed behind the dispatcher before the loop met it: its old
             # number may belong to anything now (our own poller, another
             # socket), so it is never registered.  3.11 would get EBADF
             # from select() (or POLLNVAL): routed as such, once.
+            err = errno.EBADF
+        elif fd == self.wakefd:
+            # A stale key that is our wake-up fd's number now: as epoll
+            # refuses its own fd (POLLFAULT), EINVAL.
+            err = errno.EINVAL
+        if err:
             self.owner[fd] = obj
             if self.consulted.pop(fd, None) is not None:
                 self.csnap = None
@@ -447,7 +470,7 @@ class MapState:
                 self._set_mask(fd, 0)
             if fd not in self.dead:
                 self.dead[fd] = obj
-                self.faults.append((fd, obj))
+                self.faults.append((fd, obj, err))
             return
         managed, call_r, call_w = _classify(obj)
         self.owner[fd] = obj
@@ -536,9 +559,9 @@ class MapState:
         faults = self.faults
         m = self.map
         while faults:
-            fd, obj = faults.pop(0)
+            fd, obj, err = faults.pop(0)
             if m.get(fd) is obj:
-                _route_fault(obj, _FAULT | errno.EBADF << _FAULT_SHIFT)
+                _route_fault(obj, _FAULT | err << _FAULT_SHIFT)
 
     def snapshot(self) -> Tuple[Any, ...]:
         """The consulted channels as a tuple, in map order (cached)."""
@@ -731,6 +754,8 @@ class MapState:
     def close(self) -> None:
         if self.poller is not None:
             self.poller.close()
+        self.wake.close()
+        _services.release(self.map)
         self.spoll = self.sreg = None
         self.owner.clear()
         self.mask.clear()
@@ -752,6 +777,9 @@ def _state(map: Dict[Any, Any]) -> MapState:
                     other.close()
                     del _states[key]
         st = _states[id(map)] = MapState(map)
+        # Services made by another thread between MapState() and the line
+        # above found no state to attach to (attach_services): look again.
+        st.svc = _services.lookup(map)
     return st
 
 
@@ -840,6 +868,10 @@ def _after_fork_in_child() -> None:
         try:
             if st.poller is not None:
                 st.poller.close()
+        except OSError:
+            pass
+        try:
+            st.wake.close()         # the child's copies; the parent keeps its own
         except OSError:
             pass
     _states.clear()
@@ -1044,12 +1076,14 @@ def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     if st.batch:
         st.flush()
     ms = _timeout_ms(timeout, select_mode)
+    svc = st.svc
     if resume_ms >= 0 and (ms < 0 or resume_ms < ms):
         ms = resume_ms
-        if not st.mask and select_mode:
+        if not st.mask and select_mode and svc is None:
             time.sleep(ms / 1000.0)
             return _DONE
-    if not st.mask and select_mode:
+    if not st.mask and select_mode and svc is None:
+        # (with loop services the wait runs: it watches the wake-up fd)
         time.sleep(timeout)  # type: ignore[arg-type]  # 3.11: TypeError for None
         return _DONE
     st.iters += 1
@@ -1071,6 +1105,8 @@ def _spoll(st: MapState) -> Any:
     register = sp.register
     for fd, m in st.mask.items():
         register(fd, m)
+    if st.wakefd >= 0:
+        register(st.wakefd, POLLIN)     # (never in mask: _adopt refuses it)
     st.sreg = dict(st.mask)
     st.spoll = sp
     return sp
@@ -1091,6 +1127,9 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     ms = _prepare(st, map, timeout, select_mode)
     if ms == _DONE:
         return
+    svc = st.svc
+    if svc is not None:
+        ms = svc.timeout_ms(ms)
     if st.poller is None:
         events = _stateless_wait(st, ms)
     else:
@@ -1098,6 +1137,68 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     if events:
         st.nev += len(events)
         _dispatch(st, map, events, select_mode)
+    if svc is not None:
+        _svc_run(st, map, select_mode)
+
+
+# ---------------------------------------------------------------------------
+# Loop services (_services.py): the hooks the loops call around the wait
+# when the map has Services (st.svc), and what asyncore.py's API uses.
+
+def attach_services(map: Any, svc: Any) -> None:
+    """A map got its Services: its state (if any) runs them from now on."""
+    st = _states.get(id(map))
+    if st is not None and st.map is map:
+        st.svc = svc
+        _states_changed()       # the loops holding st read st.svc again
+
+
+def _svc_run(st: MapState, map: Any, select_mode: bool) -> None:
+    """After the iteration's I/O: ready-now channels (a read event each,
+    routed as the wait's would be), then calls and due timers."""
+    svc = st.svc
+    if svc is None:
+        return
+    if svc.ready:
+        ready = list(svc.ready.items())
+        svc.ready.clear()
+        for fd, obj in ready:
+            if map.get(fd) is not obj:
+                continue
+            if select_mode:
+                try:
+                    obj.handle_read_event()
+                except REraised:
+                    raise
+                except BaseException:
+                    obj.handle_error()
+            else:
+                _readwrite(obj, POLLIN, map, fd)
+            if fd not in st.consulted and obj._fa_mask() != obj._fa_regmask:
+                st.pending.add(fd)
+    svc.run()
+
+
+def wakeup(map: Any) -> None:
+    """Make the current wait on map return (any thread): its state's wake-up
+    fd.  No state: no loop is iterating on map (a state exists for as long
+    as one does), and the next one looks at its Services first."""
+    st = _states.get(id(map))
+    if st is not None and st.map is map:
+        st.wake.wake()
+
+
+def ready_now(obj: Any, map: Any = None) -> None:
+    """obj has input buffered above the kernel (records a TLS layer has
+    decrypted and keeps): at the end of the next iteration, whose wait does
+    not block, the loop calls obj.handle_read_event() (3.11's routing) if obj
+    is still in its map under the same fd.  One-shot: call it again for more.
+    For the loop's thread."""
+    if map is None:
+        map = obj._map
+    fd = obj._fileno
+    if fd is not None:
+        _services.services_for(map).ready[fd] = obj
 
 
 def _run_release(st: MapState, map: Dict[Any, Any]) -> None:
@@ -1140,12 +1241,14 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
     w_only = extra | POLLOUT
     gen = -1
+    svc = None                  # st.svc, read again when _states_gen moves
     try:
         while left and map:
             left -= 1
             if st is None or gen != _states_gen:
                 cur = states.get(key)
                 gen = _states_gen
+                svc = cur.svc if cur is not None else None
             else:
                 cur = st
             if cur is not st:
@@ -1240,12 +1343,14 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     ms = _timeout_ms(timeout, select_mode)
                     if ms > _INT_MAX:
                         ms = _INT_MAX
-                if select_mode and not mask:
+                if select_mode and not mask and svc is None:
                     _sleep(timeout)         # 3.11's select() of empty lists
                     continue
                 nit += 1
                 room -= 1
                 wms = ms
+            if svc is not None:
+                wms = svc.timeout_ms(wms)
             # -- wait
             poller = st.poller
             if poller is not None:
@@ -1258,16 +1363,24 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             else:
                 events = _backend.current.poll_list(mask, wms)
             if not events:
+                if svc is not None:
+                    _svc_run(st, map, select_mode)
                 continue
             nev += len(events)
             if len(events) != 1:
                 _dispatch(st, map, events, select_mode)
+                if svc is not None:
+                    _svc_run(st, map, select_mode)
                 continue
             # -- dispatch of the one event (the common case of a busy small
             # map): _dispatch() inline, one handler for POLLIN / POLLOUT
             fd, ev = events[0]
             obj = owner.get(fd)
             if obj is None:
+                if fd == st.wakefd:
+                    st._woken()
+                if svc is not None:
+                    _svc_run(st, map, select_mode)
                 continue
             if select_mode:
                 if ev == POLLIN:
@@ -1312,6 +1425,8 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     _readwrite(obj, ev, map, fd)
                 if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
+            if svc is not None:
+                _svc_run(st, map, select_mode)
     finally:
         if st is not None:
             st.iters += nit
@@ -1331,7 +1446,11 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     if not select_mode:
         for fd, ev in events:
             obj = owner.get(fd)
-            if obj is None or map.get(fd) is not obj:
+            if obj is None:
+                if fd == st.wakefd:
+                    st._woken()
+                continue
+            if map.get(fd) is not obj:
                 continue
             if ev == POLLIN or ev == POLLOUT:
                 # _readwrite() of one handler, inline (the common events)
@@ -1370,6 +1489,8 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
         for fd, ev in events:
             obj = ctx[0](fd)
             if obj is None:
+                if fd == st.wakefd:
+                    st._woken()
                 continue
             if ev != POLLIN:
                 # (POLLIN alone, the common case: the kernel reports it only

@@ -22,8 +22,12 @@ from errno import EALREADY, EINPROGRESS, EWOULDBLOCK, ECONNRESET, EINVAL, \
      ENOTCONN, ESHUTDOWN, EISCONN, EBADF, ECONNABORTED, EPIPE, EAGAIN, \
      errorcode
 
+from collections.abc import MutableMapping as _MutableMapping
+from time import monotonic as _monotonic
+
 from . import _backend
 from . import _loop
+from ._services import _check_callback, _check_delay
 from ._loop import ExitNow, bound_is as _bound_is, touch as _touch, \
      POLLIN as _POLLIN, \
      POLLPRI as _POLLPRI, POLLOUT as _POLLOUT
@@ -694,6 +698,86 @@ def compact_traceback():
     file, function, line = tbinfo[-1]
     info = ' '.join(['[%s|%s|%s]' % x for x in tbinfo])
     return (file, function, line), t, v, info
+
+
+# ---------------------------------------------------------------------------
+# Loop services (fastasyncore's, not 3.11's: not in __all__, so that
+# ``from asyncore import *`` gives what 3.11 gave).  Timers and calls belong
+# to a socket map and run in the thread running loop()/poll()/poll2() on it,
+# after the iteration's I/O events: first the thread-safe calls (FIFO), then
+# the due timers in deadline order.  loop() still ends when the map is empty:
+# pending timers do not keep it running.  See _services.py.
+
+from ._services import Timer          # noqa: E402
+
+
+def _services_map(map):
+    if map is None:
+        map = socket_map
+    elif not isinstance(map, _MutableMapping):
+        raise TypeError("map must be a socket map (a dict), not %s"
+                        % type(map).__name__)
+    return map
+
+
+def _schedule(when, delay, interval, callback, args, map):
+    timer = Timer(when, delay, interval, callback, args, map)
+    _loop._services.services_for(map).push(timer, when)
+    return timer
+
+
+def call_later(delay, callback, *args, map=None):
+    """Run ``callback(*args)`` once, ``delay`` seconds from now (>= 0), in the
+    thread running the loop on ``map`` (default ``socket_map``).  For the
+    loop's own thread; from other threads use call_soon_threadsafe().
+    Returns a Timer (``cancel()``, ``reset()``, ``when``, ``cancelled``)."""
+    _check_callback(callback)
+    d = _check_delay(delay, "delay")
+    map = _services_map(map)
+    return _schedule(_monotonic() + d, d, None, callback, args, map)
+
+
+def call_at(when, callback, *args, map=None):
+    """Run ``callback(*args)`` once at ``when`` (on ``time.monotonic()``).
+    For the loop's own thread; from other threads use call_soon_threadsafe()."""
+    _check_callback(callback)
+    if isinstance(when, bool) or not isinstance(when, (int, float)):
+        raise TypeError("when must be a number, not %s" % type(when).__name__)
+    if when != when or when in (float("inf"), float("-inf")):
+        raise ValueError("when must be finite, got %r" % (when,))
+    map = _services_map(map)
+    d = max(0.0, when - _monotonic())
+    return _schedule(float(when), d, None, callback, args, map)
+
+
+def call_every(interval, callback, *args, map=None):
+    """Run ``callback(*args)`` every ``interval`` seconds (> 0), the first
+    time ``interval`` after this call, on a fixed rate: never early, no
+    drift accumulating, runs missed while the loop was busy skipped (not
+    bunched).  An exception from it is logged and it keeps repeating.
+    For the loop's own thread; from other threads use call_soon_threadsafe()."""
+    _check_callback(callback)
+    iv = _check_delay(interval, "interval")
+    if iv == 0:
+        raise ValueError("interval must be > 0")
+    map = _services_map(map)
+    return _schedule(_monotonic() + iv, iv, iv, callback, args, map)
+
+
+def call_soon_threadsafe(callback, *args, map=None):
+    """From any thread: run ``callback(*args)`` in the thread running the
+    loop on ``map`` at its next iteration (a blocked wait returns at once)."""
+    _check_callback(callback)
+    map = _services_map(map)
+    _loop._services.services_for(map).calls.append((callback, args))
+    _loop.wakeup(map)
+
+
+def wakeup(map=None):
+    """From any thread: make the current (or next) wait of ``map`` return."""
+    map = _services_map(map)
+    _loop._services.services_for(map)   # the loop then drains the wake-up fd
+    _loop.wakeup(map)
 
 
 def close_all(map=None, ignore_all=False):
