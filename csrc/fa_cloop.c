@@ -647,7 +647,14 @@ dispatch_poll(loopst *c, PyObject *map, evbuf *b)
 
     for (i = 0; i < b->n; i++) {
         int ev = b->pairs[2 * i + 1], s;
-        PyObject *key = PyLong_FromLong(b->pairs[2 * i]), *obj, *r;
+        PyObject *key, *obj, *r;
+        if (b->pairs[2 * i] == c->wakefd) {
+            /* the wake-up fd (checked first: a dead stale key may own the
+             * number in st.owner, see _adopt) */
+            c->woke = 1;
+            continue;
+        }
+        key = PyLong_FromLong(b->pairs[2 * i]);
         if (key == NULL)
             goto out;
         obj = PyDict_GetItemWithError(owner, key);
@@ -655,8 +662,6 @@ dispatch_poll(loopst *c, PyObject *map, evbuf *b)
             Py_DECREF(key);
             if (PyErr_Occurred())
                 goto out;
-            if (obj == NULL && b->pairs[2 * i] == c->wakefd)
-                c->woke = 1;
             continue;
         }
         if (s < 0) {
@@ -748,7 +753,12 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
     for (i = 0; i < n; i++) {
         int ev = b->pairs[2 * i + 1];
         long m;
-        PyObject *key = PyLong_FromLong(b->pairs[2 * i]), *obj, *mv;
+        PyObject *key, *obj, *mv;
+        if (b->pairs[2 * i] == c->wakefd) {
+            c->woke = 1;        /* the wake-up fd (see dispatch_poll) */
+            continue;
+        }
+        key = PyLong_FromLong(b->pairs[2 * i]);
         if (key == NULL)
             goto out;
         obj = PyDict_GetItemWithError(owner, key);
@@ -756,8 +766,6 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             Py_DECREF(key);
             if (PyErr_Occurred())
                 goto out;
-            if (b->pairs[2 * i] == c->wakefd)
-                c->woke = 1;
             continue;
         }
         if (ev == FA_POLLIN || (ev & FA_POLLFAULT)) {
@@ -1426,6 +1434,9 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
         if (r == NULL)
             goto out;
         Py_DECREF(r);
+        /* woken by a thread that just gave the map its Services? */
+        if (c->svc == NULL && read_svc(c) < 0)
+            goto out;
     }
     if (c->svc != NULL) {
         /* ready-now channels, thread-safe calls, due timers (_svc_run) */

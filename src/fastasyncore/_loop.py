@@ -1137,7 +1137,7 @@ def _poll_once(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     if events:
         st.nev += len(events)
         _dispatch(st, map, events, select_mode)
-    if svc is not None:
+    if st.svc is not None:
         _svc_run(st, map, select_mode)
 
 
@@ -1369,18 +1369,21 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             nev += len(events)
             if len(events) != 1:
                 _dispatch(st, map, events, select_mode)
+                svc = st.svc        # (made by a thread that woke us?)
                 if svc is not None:
                     _svc_run(st, map, select_mode)
                 continue
             # -- dispatch of the one event (the common case of a busy small
             # map): _dispatch() inline, one handler for POLLIN / POLLOUT
             fd, ev = events[0]
-            obj = owner.get(fd)
-            if obj is None:
-                if fd == st.wakefd:
-                    st._woken()
+            if fd == st.wakefd:
+                st._woken()
+                svc = st.svc        # (made by the thread that woke us?)
                 if svc is not None:
                     _svc_run(st, map, select_mode)
+                continue
+            obj = owner.get(fd)
+            if obj is None:
                 continue
             if select_mode:
                 if ev == POLLIN:
@@ -1443,14 +1446,14 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     # After each handler of a managed channel: did it change what
     # readable()/writable() would answer?  (A predicate assigned on the
     # instance reaches reclassify() through the descriptor instead.)
+    wakefd = st.wakefd
     if not select_mode:
         for fd, ev in events:
-            obj = owner.get(fd)
-            if obj is None:
-                if fd == st.wakefd:
-                    st._woken()
+            if fd == wakefd:        # (checked first: a dead stale key may own it)
+                st._woken()
                 continue
-            if map.get(fd) is not obj:
+            obj = owner.get(fd)
+            if obj is None or map.get(fd) is not obj:
                 continue
             if ev == POLLIN or ev == POLLOUT:
                 # _readwrite() of one handler, inline (the common events)
@@ -1487,10 +1490,11 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     st.disp = ctx
     try:
         for fd, ev in events:
+            if fd == wakefd:
+                st._woken()
+                continue
             obj = ctx[0](fd)
             if obj is None:
-                if fd == st.wakefd:
-                    st._woken()
                 continue
             if ev != POLLIN:
                 # (POLLIN alone, the common case: the kernel reports it only

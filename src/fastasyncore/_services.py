@@ -29,7 +29,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-__all__ = ["Timer", "Services", "Waker", "lookup", "services_for", "release"]
+__all__ = ["Timer", "Services", "Waker", "lookup", "services_for", "idle", "release"]
 
 log = logging.getLogger("fastasyncore")
 _monotonic = time.monotonic
@@ -42,10 +42,9 @@ def _check_callback(callback: Any) -> None:
 
 
 def _check_delay(delay: Any, what: str) -> float:
-    try:
-        d = float(delay)
-    except (TypeError, ValueError):
-        raise TypeError("%s must be a number, not %s" % (what, type(delay).__name__)) from None
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise TypeError("%s must be a number, not %s" % (what, type(delay).__name__))
+    d = float(delay)
     if math.isnan(d):
         raise ValueError("%s must not be NaN" % what)
     if d < 0:
@@ -299,6 +298,12 @@ def services_for(map: Any) -> Services:
             from . import _loop
             _loop.attach_services(map, svc)
     return svc
+
+
+def idle(map: Any) -> bool:
+    """No timers, calls or ready channels are waiting on map."""
+    svc = lookup(map)
+    return svc is None or svc.empty()
 
 
 def release(map: Any) -> None:

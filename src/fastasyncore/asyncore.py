@@ -133,6 +133,10 @@ def poll(timeout=0.0, map=None):
             (_loop.c_run() or _loop.run)(map, timeout, True, 1)
         else:
             _loop.poll_once(map, timeout, True)
+    elif not _loop._services.idle(map):
+        # no channels, but loop services: wait for the next timer (within
+        # timeout, woken by call_soon_threadsafe/wakeup) and run what is due
+        _loop.poll_once(map, timeout, True)
 
 
 def poll2(timeout=0.0, map=None):
@@ -144,6 +148,10 @@ def poll2(timeout=0.0, map=None):
             (_loop.c_run() or _loop.run)(map, timeout, False, 1)
         else:
             _loop.poll_once(map, timeout, False)
+    elif not _loop._services.idle(map):
+        # no channels, but loop services: wait for the next timer (within
+        # timeout, woken by call_soon_threadsafe/wakeup) and run what is due
+        _loop.poll_once(map, timeout, False)
 
 
 poll3 = poll2                           # Alias for backward compatibility
