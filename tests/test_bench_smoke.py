@@ -94,7 +94,7 @@ def test_tiny_busy_maps(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "### In-process busy small maps" in proc.stdout
     doc = json.loads(out.read_text())
-    ids = ["spin", "pp_docs_1", "pp_docs_100", "pp_dws_1", "pp_dws_100"]
+    ids = ["spin", "spin_timer", "pp_docs_1", "pp_docs_100", "pp_dws_1", "pp_dws_100"]
     assert sorted(doc["meta"]["busy"]["counts"]) == sorted(ids)
     cells = {(c["workload"], c["impl"]): c for c in doc["busy"]}
     for wid in ids:

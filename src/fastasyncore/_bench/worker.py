@@ -820,7 +820,7 @@ def _busy_classes(asyncore, which, state):
             state["first_error"] = repr(sys.exc_info()[1])
         obj.close()
 
-    if which == "spin":
+    if which in ("spin", "spin_timer"):
         class Spin(asyncore.dispatcher):
             """Stock readable()/writable(): always writable, never anything to read."""
 
@@ -938,11 +938,15 @@ def busy_run(impl, which, pairs, count, warmup, deadline):
     monotonic = time.monotonic
     iters = [0]
     try:
-        if which == "spin":
+        if which in ("spin", "spin_timer"):
             a, b = socket.socketpair()
             socks += [a, b]
             cls(a, map=chan_map)          # b stays open and silent, outside the map
             chunk = 1000
+            if which == "spin_timer" and hasattr(asyncore, "call_every"):
+                # fastasyncore's loop services in use (a far timer pending):
+                # what they cost per iteration; stdlib runs plain spin
+                asyncore.call_every(3600, int, map=chan_map)
 
             def units():
                 return iters[0]
@@ -974,7 +978,7 @@ def busy_run(impl, which, pairs, count, warmup, deadline):
                     raise SystemExit("busy %s %s: a channel failed or closed: %s" % (
                         which, impl, state["first_error"]))
                 # pp_*: something is always ready; the timeout only bounds a stall
-                loop(timeout=0 if which == "spin" else 0.05, use_poll=use_poll,
+                loop(timeout=0 if which.startswith("spin") else 0.05, use_poll=use_poll,
                      map=chan_map, count=chunk)
                 iters[0] += chunk
 
@@ -1000,7 +1004,8 @@ def busy_run(impl, which, pairs, count, warmup, deadline):
             # /proc/stat counts in ticks: allow 2 ticks of rounding
             other = max(0.0, ((busy1 - busy0 - 2) / _HZ - cpu) / wall)
         return {"ok": True, "workload": which, "impl": impl, "use_poll": use_poll,
-                "pairs": pairs if which != "spin" else 0, "channels": len(chan_map),
+                "pairs": pairs if not which.startswith("spin") else 0,
+                "channels": len(chan_map),
                 "units": n, "iterations": its, "cpu_s": cpu, "wall_s": wall,
                 "cpu_us_per_unit": cpu / n * 1e6 if n else None,
                 "cpu_us_per_iter": cpu / its * 1e6 if its else None,
@@ -1060,7 +1065,8 @@ def main(argv=None):
     s.set_defaults(func=cmd_micro)
     s = sub.add_parser("busy", help="one in-process busy small map workload")
     s.add_argument("--impl", required=True)
-    s.add_argument("--which", required=True, choices=["spin", "pp_docs", "pp_dws"])
+    s.add_argument("--which", required=True,
+                   choices=["spin", "spin_timer", "pp_docs", "pp_dws"])
     s.add_argument("--pairs", type=int, default=1, help="socketpairs (pp_*)")
     s.add_argument("--count", type=int, required=True,
                    help="measured units: loop iterations (spin) or messages (pp_*)")
