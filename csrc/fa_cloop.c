@@ -57,7 +57,7 @@ static struct {
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
         *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
-        *timeout_ms;
+        *calls, *ready, *due;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -208,23 +208,84 @@ typedef struct {
      * generation moves (attach_services() moves it); st.wakefd, the wake-up
      * fd every wait watches and no channel owns; woke: the wait reported it. */
     PyObject *svc;
+    PyObject *svc_calls, *svc_ready, *svc_due;  /* its containers (kept) */
     int wakefd;
     int woke;
 } loopst;
 
-/* c->svc = st.svc (NULL for None).  0 or -1. */
+static void
+svc_forget(loopst *c)
+{
+    Py_CLEAR(c->svc);
+    Py_CLEAR(c->svc_calls);
+    Py_CLEAR(c->svc_ready);
+    Py_CLEAR(c->svc_due);
+}
+
+/* c->svc = st.svc (NULL for None), and its calls/ready/due.  0 or -1. */
 static int
 read_svc(loopst *c)
 {
     PyObject *v = PyObject_GetAttr(c->st, S.svc);
     if (v == NULL)
         return -1;
-    Py_CLEAR(c->svc);
-    if (v == Py_None)
+    svc_forget(c);
+    if (v == Py_None) {
         Py_DECREF(v);
-    else
-        c->svc = v;
+        return 0;
+    }
+    c->svc = v;
+    if (!(c->svc_calls = PyObject_GetAttr(v, S.calls)) ||
+        !(c->svc_ready = PyObject_GetAttr(v, S.ready)) ||
+        !(c->svc_due = PyObject_GetAttr(v, S.due)))
+        goto fail;
+    if (!PyDict_Check(c->svc_ready) || !PyList_Check(c->svc_due) ||
+        PyList_Size(c->svc_due) != 1) {
+        PyErr_SetString(PyExc_TypeError, "unexpected Services layout");
+        goto fail;
+    }
     return 0;
+fail:
+    svc_forget(c);
+    return -1;
+}
+
+/* time.monotonic(): CLOCK_MONOTONIC is what CPython reads on Linux; other
+ * systems ask it (macOS's differs). */
+static PyObject *g_monotonic;
+static double
+py_monotonic(void)
+{
+#ifdef __linux__
+    return monotonic();
+#else
+    PyObject *r = PyObject_CallObject(g_monotonic, NULL);
+    double t;
+    if (r == NULL)
+        return -1.0;
+    t = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    return t;
+#endif
+}
+
+/* Is anything of the services waiting: calls, ready channels (-> 1), a
+ * timer (-> 2 with *due set), nothing (-> 0)?  -1 on error. */
+static int
+svc_pending(loopst *c, double *due)
+{
+    Py_ssize_t n = PyObject_Size(c->svc_calls);
+    PyObject *d;
+    if (n < 0)
+        return -1;
+    if (n > 0 || PyDict_Size(c->svc_ready) > 0)
+        return 1;
+    if (!(d = PyList_GetItem(c->svc_due, 0)))
+        return -1;
+    *due = PyFloat_AsDouble(d);
+    if (*due == -1.0 && PyErr_Occurred())
+        return -1;
+    return isinf(*due) ? 0 : 2;
 }
 
 static void
@@ -375,7 +436,7 @@ loopst_release(loopst *c, PyObject *map)
     Py_CLEAR(c->consulted);
     Py_CLEAR(c->batch);
     Py_CLEAR(c->suspended);
-    Py_CLEAR(c->svc);
+    svc_forget(c);
     Py_CLEAR(c->st);
     if (had) {
         if (rc < 0) {
@@ -1383,19 +1444,27 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
     if (fast < 0)
         return -1;
     if (c->svc != NULL) {
-        /* the next due timer shortens the wait; calls or ready channels
-         * waiting make it 0 (Services.timeout_ms) */
-        PyObject *msv = PyLong_FromLong(ms), *r;
-        if (msv == NULL)
+        /* calls or ready channels waiting: don't block; the next timer
+         * shortens the wait, rounded up (Services.timeout_ms, in C: no
+         * Python call in an iteration where nothing is due) */
+        double due = 0.0;
+        int k = svc_pending(c, &due);
+        if (k < 0)
             return -1;
-        r = PyObject_CallMethodObjArgs(c->svc, S.timeout_ms, msv, NULL);
-        Py_DECREF(msv);
-        if (r == NULL)
-            return -1;
-        ms = PyLong_AsLong(r);
-        Py_DECREF(r);
-        if (ms == -1 && PyErr_Occurred())
-            return -1;
+        if (k == 1) {
+            ms = 0;
+        } else if (k == 2) {
+            double now = py_monotonic(), left;
+            if (now < 0 && PyErr_Occurred())
+                return -1;
+            left = ceil((due - now) * 1000.0);
+            if (left < 0)
+                left = 0;
+            if (left > INT_MAX)
+                left = INT_MAX;
+            if (ms < 0 || (long)left < ms)
+                ms = (long)left;
+        }
     }
     poller = PyObject_GetAttr(c->st, S.poller);
     if (poller == NULL)
@@ -1439,13 +1508,26 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
             goto out;
     }
     if (c->svc != NULL) {
-        /* ready-now channels, thread-safe calls, due timers (_svc_run) */
-        PyObject *r = PyObject_CallFunctionObjArgs(
-            g_svc_run, c->st, map, select_mode ? Py_True : Py_False, NULL);
-        if (r == NULL)
+        /* ready-now channels, thread-safe calls, due timers (_svc_run),
+         * when any of them is waiting */
+        double due = 0.0;
+        int k = svc_pending(c, &due);
+        if (k < 0)
             goto out;
-        Py_DECREF(r);
-        c->ran_python = 1;
+        if (k == 2) {
+            double now = py_monotonic();
+            if (now < 0 && PyErr_Occurred())
+                goto out;
+            k = now >= due;
+        }
+        if (k) {
+            PyObject *r = PyObject_CallFunctionObjArgs(
+                g_svc_run, c->st, map, select_mode ? Py_True : Py_False, NULL);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+            c->ran_python = 1;
+        }
     }
     rc = 0;
 out:
@@ -1623,6 +1705,7 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
         set_ref(&g_route_fault, getattr_s(mod, "_route_fault")) < 0 ||
         set_ref(&g_svc_run, getattr_s(mod, "_svc_run")) < 0 ||
+        set_ref(&g_monotonic, getattr_s(mod, "_monotonic")) < 0 ||
         set_ref(&g_state, getattr_s(mod, "_state")) < 0 ||
         set_ref(&g_cmasks, getattr_s(mod, "C_MASKS")) < 0)
         return NULL;
@@ -1673,7 +1756,9 @@ PyInit__cloop(void)
     INTERN(svc, "svc");
     INTERN(wakefd, "wakefd");
     INTERN(woken, "_woken");
-    INTERN(timeout_ms, "timeout_ms");
+    INTERN(calls, "calls");
+    INTERN(ready, "ready");
+    INTERN(due, "due");
     INTERN(handle_error, "handle_error");
     INTERN(fa_mask, "_fa_mask");
     INTERN(fa_regmask, "_fa_regmask");

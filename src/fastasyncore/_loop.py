@@ -186,6 +186,8 @@ _REBUILD_MAX_FDS = 4096    # above this a stateless poll(2) never pays
 _SMALL_MAP = 32            # up to this many fds a stateless poll(2) always pays
 _INT_MAX = 2**31 - 1
 _get_ident = threading.get_ident
+_monotonic = time.monotonic        # (fa_cloop.c reads it where not Linux)
+_INF = float("inf")
 try:
     from select import poll as _select_poll
 except ImportError:         # pragma: no cover - no poll() here (Windows)
@@ -1350,7 +1352,17 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 room -= 1
                 wms = ms
             if svc is not None:
-                wms = svc.timeout_ms(wms)
+                # Services.timeout_ms(), inline (an iteration with a timer
+                # pending but not due makes no call)
+                if svc.calls or svc.ready:
+                    wms = 0
+                else:
+                    due = svc.due[0]
+                    if due != _INF:
+                        due -= _monotonic()     # (not `left`: the count)
+                        t = 0 if due <= 0 else min(math.ceil(due * 1000.0), _INT_MAX)
+                        if wms < 0 or t < wms:
+                            wms = t
             # -- wait
             poller = st.poller
             if poller is not None:
@@ -1363,14 +1375,14 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             else:
                 events = _backend.current.poll_list(mask, wms)
             if not events:
-                if svc is not None:
+                if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                     _svc_run(st, map, select_mode)
                 continue
             nev += len(events)
             if len(events) != 1:
                 _dispatch(st, map, events, select_mode)
                 svc = st.svc        # (made by a thread that woke us?)
-                if svc is not None:
+                if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                     _svc_run(st, map, select_mode)
                 continue
             # -- dispatch of the one event (the common case of a busy small
@@ -1379,7 +1391,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             if fd == st.wakefd:
                 st._woken()
                 svc = st.svc        # (made by the thread that woke us?)
-                if svc is not None:
+                if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                     _svc_run(st, map, select_mode)
                 continue
             obj = owner.get(fd)
@@ -1428,7 +1440,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     _readwrite(obj, ev, map, fd)
                 if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
-            if svc is not None:
+            if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                 _svc_run(st, map, select_mode)
     finally:
         if st is not None:

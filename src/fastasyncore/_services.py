@@ -34,6 +34,7 @@ __all__ = ["Timer", "Services", "Waker", "lookup", "services_for", "idle", "rele
 log = logging.getLogger("fastasyncore")
 _monotonic = time.monotonic
 _INT_MAX = 2**31 - 1
+_INF = float("inf")
 
 
 def _check_callback(callback: Any) -> None:
@@ -170,15 +171,21 @@ _COMPACT_MIN = 64       # dead heap entries before a compaction is considered
 class Services:
     """The timers, thread-safe calls and ready-now channels of one map."""
 
-    __slots__ = ("map", "heap", "seq", "dead", "calls", "ready")
+    __slots__ = ("map", "heap", "seq", "dead", "calls", "ready", "due")
 
     def __init__(self, map: Any) -> None:
         self.map = map
+        # The containers below are mutated, never replaced: the C loop holds
+        # calls, ready and due while it runs (fa_cloop.c, read_svc()).
         self.heap: List[Tuple[float, int, Timer]] = []
         self.seq = 0
         self.dead = 0                           # cancelled entries in heap
         self.calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
         self.ready: Dict[Any, Any] = {}         # fd -> channel (ready_now)
+        # [the heap top's deadline] (inf: none); may be a cancelled entry's,
+        # which only costs an early look.  Lets the loops skip run() and
+        # timeout_ms() in iterations where nothing is due.
+        self.due: List[float] = [_INF]
 
     def empty(self) -> bool:
         return not (self.heap or self.calls or self.ready)
@@ -191,6 +198,12 @@ class Services:
         timer._seq = seq
         timer._svc = self
         heapq.heappush(self.heap, (when, seq, timer))
+        if when < self.due[0]:
+            self.due[0] = when
+
+    def _set_due(self) -> None:
+        heap = self.heap
+        self.due[0] = heap[0][0] if heap else _INF
 
     def _maybe_compact(self) -> None:
         # Lazy deletion keeps cancel() O(1); rebuilding the heap once half of
@@ -198,12 +211,14 @@ class Services:
         # amortized (100,000 timers scheduled then cancelled leave nothing).
         heap = self.heap
         if self.dead > _COMPACT_MIN and self.dead * 2 > len(heap):
-            self.heap = [e for e in heap if e[2]._seq == e[1]]
-            heapq.heapify(self.heap)
+            heap[:] = [e for e in heap if e[2]._seq == e[1]]
+            heapq.heapify(heap)
             self.dead = 0
+            self._set_due()
         elif self.dead == len(heap):
             heap.clear()
             self.dead = 0
+            self.due[0] = _INF
 
     def timeout_ms(self, ms: int) -> int:
         """The wait's timeout (ms, < 0 blocks), shortened to the next due
@@ -211,9 +226,11 @@ class Services:
         if self.calls or self.ready:
             return 0
         heap = self.heap
-        while heap and heap[0][2]._seq != heap[0][1]:
-            heapq.heappop(heap)                  # a cancelled or re-armed entry
-            self.dead -= 1
+        if heap and heap[0][2]._seq != heap[0][1]:
+            while heap and heap[0][2]._seq != heap[0][1]:
+                heapq.heappop(heap)              # a cancelled or re-armed entry
+                self.dead -= 1
+            self._set_due()
         if not heap:
             return ms
         left = heap[0][0] - _monotonic()
@@ -238,6 +255,7 @@ class Services:
             _call(cb, args)
         heap = self.heap
         if not heap:
+            self.due[0] = _INF
             return
         now = _monotonic()
         limit = self.seq            # nothing scheduled from here on runs now
@@ -261,7 +279,9 @@ class Services:
                     if nxt <= now:
                         nxt += iv
                 self.push(timer, nxt)
+            self._set_due()
             _call(timer._callback, timer._args)
+        self._set_due()
 
 
 def _call(cb: Callable[..., Any], args: Tuple[Any, ...]) -> None:
