@@ -6,7 +6,8 @@
 #
 # Tests: tests/test_backend.py (the core's interface) and the loop tests that
 # drive the C loop: test_loop_contract.py, test_reliability_faults.py,
-# test_instance_overrides.py and test_cloop.py (when present). Both modules
+# test_instance_overrides.py, test_cloop.py, test_bad_fd.py and test_services.py
+# (when present). Both modules
 # are checked to be the instrumented copies, and the loop to be the C one.
 #
 # asan:     core and loop built with -fsanitize=address,undefined (libasan
@@ -54,7 +55,7 @@ esac
 
 # The C loop's tests (test_cloop.py may not exist in older trees).
 LOOP_TESTS=()
-for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py; do
+for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py test_bad_fd.py test_services.py; do
     [ -f "$ROOT/tests/$f" ] && LOOP_TESTS+=("$ROOT/tests/$f")
 done
 echo "tests: test_backend.py ${LOOP_TESTS[*]##*/}"
@@ -138,7 +139,10 @@ VG_NOT_C="pure or stdlib or pyloop"
 VG_SLOW_BACKEND="model or many_fds or timeout_zero or eintr or large_drain or recv_clamped"
 VG_SLOW_LOOP="zero_timeout or poll2_truncates or returns_at_once or stops_when_map_empties \
 or signal_handler_exception or signal_without_exception or two_threads or f4_single_close \
-or f5_reset or machine or hypothesis or timing"
+or f5_reset or machine or hypothesis or timing \
+or woken_from_another or fixed_rate or skips_missed or idle_timeout or timeout_is_cut \
+or many_timers or errors_are_logged or racing or survives_fork or waits_for_the_timer \
+or never_spins or no_spin or loop_ends_when"
 
 if [ "$MODE" = valgrind ] || [ "$MODE" = all ]; then
     echo "== valgrind memcheck   [t=$((SECONDS - T0))s]"

@@ -873,7 +873,10 @@ def _after_fork_in_child() -> None:
         except OSError:
             pass
         try:
-            st.wake.close()         # the child's copies; the parent keeps its own
+            # the child's copies (the parent keeps its own); a fresh lock:
+            # another thread of the parent may have held it at the fork
+            st.wake.lock = threading.Lock()
+            st.wake.close()
         except OSError:
             pass
     _states.clear()
@@ -1162,22 +1165,13 @@ def _svc_run(st: MapState, map: Any, select_mode: bool) -> None:
     if svc is None:
         return
     if svc.ready:
-        ready = list(svc.ready.items())
+        # as a POLLIN from the wait, for the channels still where they were
+        owner = st.owner
+        ready = [(fd, POLLIN) for fd, obj in svc.ready.items()
+                 if map.get(fd) is obj and owner.get(fd) is obj]
         svc.ready.clear()
-        for fd, obj in ready:
-            if map.get(fd) is not obj:
-                continue
-            if select_mode:
-                try:
-                    obj.handle_read_event()
-                except REraised:
-                    raise
-                except BaseException:
-                    obj.handle_error()
-            else:
-                _readwrite(obj, POLLIN, map, fd)
-            if fd not in st.consulted and obj._fa_mask() != obj._fa_regmask:
-                st.pending.add(fd)
+        if ready:
+            _dispatch(st, map, ready, select_mode)
     svc.run()
 
 
