@@ -74,6 +74,17 @@ static unsigned long g_states_gen;
 /* ------------------------------------------------------------------------ */
 /* small helpers */
 
+/* A new reference to None.  Not Py_RETURN_NONE: the 3.12+ headers define it
+ * as `return Py_None` (None is immortal there) even under Py_LIMITED_API,
+ * so an abi3 module built by 3.12+ would drop a reference to None at every
+ * call when run on 3.9-3.11, until None is freed ("none_dealloc"). */
+static PyObject *
+none_ref(void)
+{
+    Py_INCREF(Py_None);
+    return Py_None;
+}
+
 static PyObject *
 call0(PyObject *obj, PyObject *name)
 {
@@ -1572,7 +1583,7 @@ cloop_run(PyObject *self, PyObject *args)
         if (overflow > 0)
             left = -1;    /* > 2**63 iterations: as good as `until empty` */
         else if (overflow < 0 || left <= 0)
-            Py_RETURN_NONE;
+            return none_ref();
     }
     me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
     mapid = PyLong_FromVoidPtr(map);          /* id(map): _loop._states' key */
@@ -1654,7 +1665,7 @@ done:
     Py_XDECREF(mapid);
     if (failed)
         return NULL;
-    Py_RETURN_NONE;
+    return none_ref();
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -1715,7 +1726,7 @@ cloop_configure(PyObject *self, PyObject *args)
     }
     g_wait = (fa_wait_fn)w;
     g_poll = (fa_poll_fn)pl;
-    Py_RETURN_NONE;
+    return none_ref();
 }
 
 static PyObject *
@@ -1725,7 +1736,7 @@ cloop_states_changed(PyObject *self, PyObject *unused)
     (void)unused;
     g_states_gen++;
     tcache_clear();
-    Py_RETURN_NONE;
+    return none_ref();
 }
 
 static PyMethodDef cloop_methods[] = {

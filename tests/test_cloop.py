@@ -322,6 +322,23 @@ def _busy_map(asyncore, socks, use_poll):
     return m, stats, long_lived, transient, feeders
 
 
+def test_module_functions_return_owned_none(cloop):
+    # Py_RETURN_NONE of the 3.12+ headers does not INCREF (None is immortal
+    # there): an abi3 _cloop built by 3.12+ and run on 3.9-3.11 dropped a
+    # reference to None per call, until the interpreter aborted.
+    from fastasyncore import _cloop
+    if sys.version_info >= (3, 12):
+        pytest.skip("None is immortal here: its refcount does not move")
+    m = {}
+    _cloop.run(m, 0.0, True, 0)
+    before = sys.getrefcount(None)
+    for _ in range(1000):
+        _cloop.run(m, 0.0, True, 0)
+        _cloop.run(m, 0.0, False, 1)
+        _cloop.states_changed()
+    assert abs(sys.getrefcount(None) - before) < 50
+
+
 def test_refcounts_and_memory_flat_under_a_million_events(cloop, socks, use_poll, wait):
     asyncore = cloop
     m, stats, long_lived, transient, feeders = _busy_map(asyncore, socks, use_poll)
