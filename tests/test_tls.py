@@ -34,11 +34,13 @@ def certs():
     return server, client, untrusting
 
 
-def run_until(m, done, use_poll, seconds=15.0):
+def run_until(m, done, use_poll, seconds=15.0, after=None):
     """Iterate the loop until done() (at most `seconds`); assert it came."""
     deadline = time.monotonic() + seconds
     while not done() and time.monotonic() < deadline:
         asyncore.loop(timeout=0.02, use_poll=use_poll, map=m, count=1)
+        if after is not None:
+            after(m)
     assert done(), "timed out"
 
 
@@ -261,8 +263,12 @@ def test_client_dws_queued_before_handshake(backend, use_poll, certs):
     c.close()
 
 
+BANNER = b"250-" + b"x" * (1 << 20) + b"\r\n"     # still queued at STARTTLS
+
+
 class LineServer(Recorder, TLSMixin, asynchat.async_chat):
-    """HELLO -> 250 plain; STARTTLS -> 220 (plain), then TLS; PING -> PONG."""
+    """HELLO -> a 1 MiB line and 250 (plain); STARTTLS -> 220 (plain), then
+    TLS; PING -> PONG."""
 
     error = None
 
@@ -279,22 +285,41 @@ class LineServer(Recorder, TLSMixin, asynchat.async_chat):
         line = b"".join(self.data)
         self.data = []
         if line == b"HELLO":
-            self.push(b"250 plain\r\n")
+            self.push(BANNER)
+            self.push_with_producer(asynchat.simple_producer(b"250 plain\r\n", 4))
         elif line == b"STARTTLS":
+            assert self.producer_fifo         # the plain reply is still queued
             self.push(b"220 go ahead\r\n")
             self.start_tls(self.ctx, server_side=True)
-            self.push(b"after\r\n")              # must leave encrypted
+            self.push(b"after\r\n")            # must leave encrypted
         elif line == b"PING":
             self.push(b"PONG %s\r\n" % self.socket.ssl_socket.version().encode())
 
 
-def test_starttls_mid_stream(backend, use_poll, certs):
+class DWSStartTLS(Recorder, TLSMixin, asyncore.dispatcher_with_send):
+    """dispatcher_with_send: a plain banner queued, then TLS."""
+
+    error = None
+
+    def __init__(self, sock, m, ctx):
+        super().__init__(sock, m)
+        self.send(BANNER + b"250 plain\r\n" + b"220 go ahead\r\n")
+        self.start_tls(ctx, server_side=True)
+        self.send(b"after\r\n")
+
+    def handle_read(self):
+        if self.recv(100) == b"PING\r\n":
+            self.send(b"PONG %s\r\n" % self.socket.ssl_socket.version().encode())
+
+
+@pytest.mark.parametrize("server", [LineServer, DWSStartTLS])
+def test_starttls_mid_stream(backend, use_poll, certs, server):
     def work():
         with socket.create_connection(("127.0.0.1", lst.port), timeout=10) as raw:
-            raw.sendall(b"HELLO\r\n")
-            assert recv_exactly(raw, 11) == b"250 plain\r\n"
-            raw.sendall(b"STARTTLS\r\n")
-            assert recv_exactly(raw, 14) == b"220 go ahead\r\n"
+            if server is LineServer:      # (DWSStartTLS reads nothing plain)
+                raw.sendall(b"HELLO\r\nSTARTTLS\r\n")
+            plain = BANNER + b"250 plain\r\n220 go ahead\r\n"
+            assert recv_exactly(raw, len(plain)) == plain
             with certs[1].wrap_socket(raw, server_hostname="localhost") as s:
                 f = s.makefile("rwb")
                 first = f.readline()
@@ -303,12 +328,13 @@ def test_starttls_mid_stream(backend, use_poll, certs):
                 return first, f.readline()
 
     m = {}
-    lst = Listener(m, LineServer, certs[0])
+    lst = Listener(m, server, certs[0])
     peer = Thread(work)
     peer.start()
     run_until(m, lambda: not peer.is_alive(), use_poll)
     assert peer.join() == (b"after\r\n", b"PONG TLSv1.3\r\n")
     assert lst.handlers[0].established == 1
+    assert lst.handlers[0].error is None
     asyncore.close_all(m)
 
 
@@ -368,7 +394,32 @@ class SmallReaderConsulted(SmallReader):
         return False
 
 
-def test_pending_drained_with_small_recv(backend, use_poll, certs):
+def fake_ready_now(monkeypatch):
+    """_loop.ready_now's contract (the loop's, once it lands), emulated by
+    run_until(): one-shot, handle_read_event() after the iteration if the
+    object is still in its map under the same fd."""
+    asked = []
+    calls = []
+
+    def ready_now(obj):
+        calls.append(obj)
+        asked.append((obj, obj._fileno))
+    monkeypatch.setattr(_loop, "ready_now", ready_now, raising=False)
+
+    def after_iteration(m):
+        todo = asked[:]
+        del asked[:]
+        for obj, fd in todo:
+            if m.get(fd) is obj:
+                asyncore.read(obj)
+    return after_iteration, calls
+
+
+@pytest.mark.parametrize("hook", ["fallback", "ready_now"])
+def test_pending_drained_with_small_recv(backend, use_poll, certs, monkeypatch, hook):
+    after = None
+    if hook == "ready_now":
+        after, asked = fake_ready_now(monkeypatch)
     for cls in (SmallReader, SmallReaderConsulted):
         m = {}
         lst = Listener(m, cls, certs[0])
@@ -377,10 +428,12 @@ def test_pending_drained_with_small_recv(backend, use_poll, certs):
         peer = Thread(tls_client, lst.port, certs[1],
                       lambda s: (s.sendall(b"x" * 16000), recv_exactly(s, 4))[1])
         peer.start()
-        run_until(m, lambda: not peer.is_alive(), use_poll)
+        run_until(m, lambda: not peer.is_alive(), use_poll, after=after)
         assert peer.join() == b"done"
         h = lst.handlers[0]
         assert max(h.sizes) == 1024 and sum(h.sizes) == 16000
+        if hook == "ready_now":     # the hook, not the fallback, delivered it
+            assert asked.count(h) >= 14
         assert _loop._classify(h)[0] is (cls is SmallReader)
         asyncore.close_all(m)
 
