@@ -125,13 +125,18 @@ class TLSMixin:
             ready_now(self)
 
     # -- events -----------------------------------------------------------
-    def _tls_connect(self) -> bool:
-        """A connecting client's event: complete connect(); -> still waiting."""
+    def _tls_setup(self, t: TLSSocket) -> bool:
+        """An event before the TLS session is up: complete a connect() in
+        progress, then wrap or advance the handshake.  -> True when the
+        event is spent (no data for the channel yet)."""
         if not self.connected:                # type: ignore[attr-defined]
             if not self.connecting:           # type: ignore[attr-defined]
                 return True
             self.handle_connect_event()       # type: ignore[attr-defined]
-        return False
+        if t.phase == ESTABLISHED:
+            return False
+        self._tls_handshake(t)
+        return True
 
     def _tls_handshake(self, t: TLSSocket) -> None:
         try:
@@ -149,10 +154,7 @@ class TLSMixin:
         if t is None or t.phase == PLAIN or self.accepting:  # type: ignore[attr-defined]
             super().handle_read_event()       # type: ignore[misc]
             return
-        if self._tls_connect():
-            return
-        if t.phase != ESTABLISHED:
-            self._tls_handshake(t)
+        if self._tls_setup(t):
             return
         retry_write = t.write_wants_read
         if retry_write:
@@ -191,10 +193,7 @@ class TLSMixin:
             super().handle_write_event()      # type: ignore[misc]
             if t.phase == PLAIN or not self._tls_mapped():
                 return
-        if self._tls_connect():
-            return
-        if t.phase != ESTABLISHED:
-            self._tls_handshake(t)
+        if self._tls_setup(t):
             return
         if t.read_wants_write:
             t.read_wants_write = False
