@@ -104,7 +104,7 @@ class TLSMixin:
                       lambda: _touch(self))
         self._fa_tls = t
         self.socket = t
-        if plain is None:
+        if fifo is not None and plain is None:
             fifo.append(_EndOfPlain(t))
         _touch(self)
 
