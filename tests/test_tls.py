@@ -595,3 +595,80 @@ def test_many_concurrent_tls_connections(backend, use_poll, certs):
         assert c.established == 1 and c.error is None
     assert len(lst.handlers) == 50 and all(h.error is None for h in lst.handlers)
     asyncore.close_all(m)
+
+
+class Collector(Recorder, TLSMixin, asyncore.dispatcher):
+    error = None
+
+    def __init__(self, sock, m, ctx):
+        super().__init__(sock, m)
+        self.got = b""
+        self.start_tls(ctx, server_side=True)
+
+    def handle_write(self):
+        pass
+
+    def handle_read(self):
+        self.got += self.recv(65536)          # b"": handle_close() ran
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "unclean"])
+def test_end_of_stream_is_handle_close(backend, use_poll, certs, ending):
+    def work(s):
+        s.sendall(b"last words")
+        time.sleep(0.05)
+        if ending == "close_notify":
+            s.unwrap()
+        else:
+            # the TCP connection ends without close_notify
+            socket.socket(fileno=s.detach()).close()
+    m = {}
+    lst = Listener(m, Collector, certs[0])
+    peer = Thread(tls_client, lst.port, certs[1], work)
+    peer.start()
+    run_until(m, lambda: lst.handlers and lst.handlers[0].closes, use_poll)
+    peer.join()
+    h = lst.handlers[0]
+    assert h.got == b"last words" and h.closes == 1 and h.error is None
+    asyncore.close_all(m)
+
+
+def test_read_event_without_data_is_harmless(backend, use_poll, certs):
+    release = threading.Event()
+    m = {}
+    lst = Listener(m, Collector, certs[0])
+    peer = Thread(tls_client, lst.port, certs[1], lambda s: release.wait(10))
+    peer.start()
+    run_until(m, lambda: lst.handlers and lst.handlers[0].established, use_poll)
+    h = lst.handlers[0]
+    for _ in range(3):          # what a spurious ready_now() would do
+        h.handle_read_event()
+    asyncore.loop(timeout=0.02, use_poll=use_poll, map=m, count=3)
+    assert h.got == b"" and h.closes == 0 and h.error is None and m.get(h._fileno) is h
+    release.set()
+    peer.join()
+    asyncore.close_all(m)
+
+
+def test_inherited_predicates_are_wrapped():
+    class Base(asynchat.async_chat):
+        def writable(self):
+            return False
+
+    class Chat(TLSMixin, Base):
+        pass
+
+    class Stock(TLSMixin, asynchat.async_chat):
+        pass
+
+    assert Chat.writable.__wrapped__ is Base.__dict__["writable"]
+    assert "writable" not in Stock.__dict__ and "readable" not in Stock.__dict__
+    m = {}
+    a, b = socket.socketpair()
+    try:
+        chat, stock = Chat(a, m), Stock(b, m)
+        assert _loop._classify(chat)[0] is False
+        assert _loop._classify(stock)[0] is True
+        assert chat.writable() is False       # no TLS yet: the user's answer
+    finally:
+        asyncore.close_all(m)
