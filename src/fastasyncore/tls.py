@@ -18,13 +18,13 @@ it wrapped at class creation, so that the TLS layer decides during the
 handshake and adds want-read/want-write after it.
 """
 
+import functools
 import ssl
 from typing import Any, Callable, Optional
 
 from . import _loop
-from ._loop import touch as _touch
-from ._tlssock import ESTABLISHED, HANDSHAKE, PLAIN, READ, WRAP, TLSSocket
-from ._loop import POLLOUT
+from ._loop import POLLOUT, touch as _touch
+from ._tlssock import ESTABLISHED, PLAIN, READ, TLSSocket
 
 __all__ = ["TLSMixin"]
 
@@ -53,10 +53,7 @@ def _wrap_predicate(func: Callable[[Any], Any], bit: int) -> Callable[[Any], Any
             self._tls_ready_now()   # readable again, data already decrypted
         return answer
 
-    predicate.__name__ = func.__name__
-    predicate.__qualname__ = getattr(func, "__qualname__", func.__name__)
-    predicate.__doc__ = func.__doc__
-    predicate.__wrapped__ = func            # type: ignore[attr-defined]
+    functools.update_wrapper(predicate, func)
     predicate._fa_tls_wrapped = True        # type: ignore[attr-defined]
     return predicate
 
