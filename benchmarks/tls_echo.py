@@ -24,29 +24,9 @@ import time
 
 def server_fastasyncore(ctx, ready):
     from fastasyncore import asyncore
-    from fastasyncore.tls import TLSMixin
+    from fastasyncore._tlsdemo import TLSEchoServer   # sets TCP_NODELAY
 
-    class Echo(TLSMixin, asyncore.dispatcher_with_send):
-        def handle_read(self):
-            data = self.recv(65536)
-            if data:
-                self.send(data)
-
-        def handle_close(self):
-            self.close()
-
-    class Server(asyncore.dispatcher):
-        def handle_accepted(self, sock, addr):
-            # as asyncio does for every TCP socket: without it, the echo
-            # after the TLS 1.3 session tickets waits for a delayed ACK
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            Echo(sock).start_tls(ctx, server_side=True)
-
-    s = Server()
-    s.create_socket()
-    s.set_reuse_addr()
-    s.bind(("127.0.0.1", 0))
-    s.listen(128)
+    s = TLSEchoServer(ctx)
     ready(s.socket.getsockname()[1])
     asyncore.loop(timeout=1.0, use_poll=True)
 

@@ -11,10 +11,46 @@ import sys
 import time
 from typing import Any, Dict, Optional, TextIO, Tuple
 
-__all__ = ["run_tls_demo", "NO_TRUSTME"]
+from . import asyncore
+from .tls import TLSMixin
+
+__all__ = ["run_tls_demo", "NO_TRUSTME", "TLSEcho", "TLSEchoServer"]
 
 NO_TRUSTME = ("demo --tls: needs the 'trustme' package for a throwaway certificate "
               "(pip install trustme)")
+
+
+class TLSEcho(TLSMixin, asyncore.dispatcher_with_send):
+    """Sends back what it reads (over TLS once start_tls() was called)."""
+
+    def handle_read(self) -> None:
+        data = self.recv(65536)
+        if data:
+            self.send(data)
+
+    def handle_close(self) -> None:
+        self.close()
+
+
+class TLSEchoServer(asyncore.dispatcher):
+    """Listens on 127.0.0.1 (port 0); accepted sockets become ``handler``
+    channels with implicit TLS, and TCP_NODELAY as asyncio sets it (see the
+    README's latency note)."""
+
+    handler: Any = TLSEcho
+
+    def __init__(self, context: ssl.SSLContext, map: Optional[Dict[int, Any]] = None,
+                 backlog: int = 128) -> None:
+        super().__init__(map=map)
+        self.context = context
+        self.create_socket()
+        self.set_reuse_addr()
+        self.bind(("127.0.0.1", 0))
+        self.listen(backlog)
+
+    def handle_accepted(self, sock: socket.socket, addr: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.handler(sock, map=self._map).start_tls(self.context, server_side=True)
 
 
 def _contexts() -> Optional[Tuple[ssl.SSLContext, ssl.SSLContext]]:
@@ -39,8 +75,6 @@ def run_tls_demo(clients: int = 50, duration: float = 2.0, size: int = 64,
         return None
     server_ctx, client_ctx = ctxs
     import fastasyncore
-    from fastasyncore import asyncore
-    from fastasyncore.tls import TLSMixin
 
     channels: Dict[int, Any] = {}
     stats: Dict[str, Any] = {"handshakes": 0, "requests": 0, "errors": 0,
@@ -53,18 +87,11 @@ def run_tls_demo(clients: int = 50, duration: float = 2.0, size: int = 64,
                 stats["first_error"] = repr(sys.exc_info()[1])
             self.close()                     # type: ignore[attr-defined]
 
-    class EchoHandler(Failing, TLSMixin, asyncore.dispatcher_with_send):
-        def handle_read(self) -> None:
-            data = self.recv(65536)
-            if data:
-                self.send(data)
+    class EchoHandler(Failing, TLSEcho):
+        pass
 
-        def handle_close(self) -> None:
-            self.close()
-
-    class Server(Failing, asyncore.dispatcher):
-        def handle_accepted(self, sock: socket.socket, addr: Any) -> None:
-            EchoHandler(sock, map=channels).start_tls(server_ctx, server_side=True)
+    class Server(Failing, TLSEchoServer):
+        handler = EchoHandler
 
     class Client(Failing, TLSMixin, asyncore.dispatcher_with_send):
         def __init__(self, address: Any) -> None:
@@ -94,11 +121,7 @@ def run_tls_demo(clients: int = 50, duration: float = 2.0, size: int = 64,
         def handle_close(self) -> None:
             self.close()
 
-    server = Server(map=channels)
-    server.create_socket()
-    server.set_reuse_addr()
-    server.bind(("127.0.0.1", 0))
-    server.listen(min(max(clients, 5), socket.SOMAXCONN))
+    server = Server(server_ctx, channels, min(max(clients, 5), socket.SOMAXCONN))
     start = time.monotonic()
     for _ in range(clients):
         Client(server.socket.getsockname())
