@@ -672,3 +672,86 @@ def test_inherited_predicates_are_wrapped():
         assert chat.writable() is False       # no TLS yet: the user's answer
     finally:
         asyncore.close_all(m)
+
+
+class FakeSSL:
+    """Stands in for the SSLSocket: send() and recv() raise what their plans
+    say first (want-read on a write, want-write on a read: renegotiation or a
+    key update), then succeed."""
+
+    def __init__(self, raw, send_plan, recv_plan):
+        self.raw = raw
+        self.send_plan = list(send_plan)
+        self.recv_plan = list(recv_plan)
+        self.sent = b""
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    def pending(self):
+        return 0
+
+    def send(self, data):
+        if self.send_plan:
+            raise self.send_plan.pop(0)()
+        self.sent += bytes(data)
+        return len(data)
+
+    def recv(self, n):
+        if self.recv_plan:
+            raise self.recv_plan.pop(0)()
+        return b"data"
+
+    def unwrap(self):
+        raise ssl.SSLWantReadError()
+
+    def close(self):
+        self.raw.close()
+
+
+class FakeChan(TLSMixin, asyncore.dispatcher_with_send):
+    def handle_read(self):
+        self.reads.append(self.recv(100))
+
+
+def fake_established(certs, send_plan, recv_plan):
+    m = {}
+    a, b = socket.socketpair()
+    chan = FakeChan(a, m)
+    chan.reads = []
+    chan.start_tls(certs[0], server_side=True)
+    t = chan._fa_tls
+    t.phase, t._sock = _tlssock.ESTABLISHED, FakeSSL(a, send_plan, recv_plan)
+    return m, b, chan, t
+
+
+def test_want_read_on_write(backend, certs):
+    want_read = ssl.SSLWantReadError
+    m, b, chan, t = fake_established(certs, [want_read], [want_read])
+    try:
+        chan.send(b"abc")                     # SSLWantRead: kept, waits for a read
+        assert t.write_wants_read and chan.out_buffer == b"abc"
+        assert chan._fa_mask() & _tlssock.READ
+        chan.handle_read_event()              # no data yet, but the write goes
+        assert not t.write_wants_read and chan.reads == []
+        assert t._sock.sent == b"abc" and chan.out_buffer == b""
+        assert chan._fa_mask() == _tlssock.READ
+    finally:
+        asyncore.close_all(m)
+        b.close()
+
+
+def test_want_write_on_read(backend, certs):
+    m, b, chan, t = fake_established(certs, [], [ssl.SSLWantWriteError])
+    try:
+        read, out = _tlssock.READ, _loop.POLLOUT
+        assert chan._fa_mask() == read
+        chan.handle_read_event()              # SSLWantWrite: the read waits for POLLOUT
+        assert t.read_wants_write and chan.reads == []
+        assert chan._fa_mask() == read | out
+        chan.handle_write_event()             # POLLOUT: the read is retried
+        assert chan.reads == [b"data"] and not t.read_wants_write
+        assert chan._fa_mask() == read and _loop._classify(chan)[0] is True
+    finally:
+        asyncore.close_all(m)
+        b.close()
