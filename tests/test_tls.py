@@ -157,15 +157,27 @@ def test_fast_paths_refuse_tls_sockets(certs):
         b.close()
 
 
-def test_echo_server_blocking_clients(backend, use_poll, certs, monkeypatch):
-    fast = []
+@pytest.fixture
+def fast_fd_calls(monkeypatch):
+    """(socket type, answer) of every asyncore._fast_fd() call: the gate of
+    the C send paths (dispatcher_with_send's queue, async_chat's writev)."""
+    calls = []
     real_fast_fd = asyncore._fast_fd
 
     def spy(sock):
         fd = real_fast_fd(sock)
-        fast.append((type(sock), fd))
+        calls.append((type(sock), fd))
         return fd
     monkeypatch.setattr(asyncore, "_fast_fd", spy)
+    return calls
+
+
+def assert_tls_sockets_refused(calls):
+    tls = [fd for t, fd in calls if t is _tlssock.TLSSocket]
+    assert tls and all(fd == -1 for fd in tls), calls[:10]
+
+
+def test_echo_server_blocking_clients(backend, use_poll, certs, fast_fd_calls):
     m = {}
     lst = Listener(m, EchoChat, certs[0])
     many = [b"line %d" % i for i in range(3000)]
@@ -181,7 +193,7 @@ def test_echo_server_blocking_clients(backend, use_poll, certs, monkeypatch):
     assert all(h.error is None for h in lst.handlers)
     assert lst.errors == 0
     # async_chat's writev and the C send paths were refused for every TLS socket
-    assert fast and all(fd == -1 for t, fd in fast if t is _tlssock.TLSSocket)
+    assert_tls_sockets_refused(fast_fd_calls)
     asyncore.close_all(m)
 
 
@@ -230,7 +242,7 @@ def recv_exactly(s, n):
     return buf
 
 
-def test_client_dws_queued_before_handshake(backend, use_poll, certs):
+def test_client_dws_queued_before_handshake(backend, use_poll, certs, fast_fd_calls):
     payload = b"0123456789abcdef" * 20000         # 320,000 bytes
     ticket_seen = threading.Event()
     go_on = threading.Event()
@@ -260,6 +272,7 @@ def test_client_dws_queued_before_handshake(backend, use_poll, certs):
         assert peer.join() == payload
     assert c.got == hashlib.sha256(payload).hexdigest().encode()
     assert c.established == 1
+    assert_tls_sockets_refused(fast_fd_calls)   # the send queue's C path
     c.close()
 
 
@@ -313,7 +326,7 @@ class DWSStartTLS(Recorder, TLSMixin, asyncore.dispatcher_with_send):
 
 
 @pytest.mark.parametrize("server", [LineServer, DWSStartTLS])
-def test_starttls_mid_stream(backend, use_poll, certs, server):
+def test_starttls_mid_stream(backend, use_poll, certs, server, fast_fd_calls):
     def work():
         with socket.create_connection(("127.0.0.1", lst.port), timeout=10) as raw:
             if server is LineServer:      # (DWSStartTLS reads nothing plain)
@@ -335,6 +348,7 @@ def test_starttls_mid_stream(backend, use_poll, certs, server):
     assert peer.join() == (b"after\r\n", b"PONG TLSv1.3\r\n")
     assert lst.handlers[0].established == 1
     assert lst.handlers[0].error is None
+    assert_tls_sockets_refused(fast_fd_calls)
     asyncore.close_all(m)
 
 
