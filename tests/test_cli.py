@@ -141,3 +141,24 @@ def test_bench_help():
     proc = _cli("bench", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["pure", "cffi"])
+def test_demo_tls(backend, tmp_path):
+    pytest.importorskip("trustme")
+    need_backend(backend)
+    proc = _cli("demo", "--tls", "--clients", "20", "--duration", "0.5",
+                cwd=str(tmp_path), env=subprocess_env(FASTASYNCORE_BACKEND=backend))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "handshakes:    20/20" in proc.stdout
+    assert "requests/s:" in proc.stdout and "errors:" not in proc.stdout
+
+
+def test_demo_tls_without_trustme(tmp_path):
+    code = ("import sys; sys.modules['trustme'] = None\n"
+            "from fastasyncore.__main__ import main\n"
+            "sys.exit(main(['demo', '--tls', '--duration', '0.2']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "trustme" in proc.stderr and proc.stdout == ""

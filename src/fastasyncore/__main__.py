@@ -2,7 +2,8 @@
 
 * ``demo``  -- an embedded loopback echo server and many client dispatchers in
   one fastasyncore loop, bounded in time and count; prints the backend, the
-  poller, connections, requests and requests/s.
+  poller, connections, requests and requests/s.  ``demo --tls``: the same
+  over TLS (:mod:`fastasyncore.tls`, a throwaway certificate from trustme).
 * ``info``  -- version, backend, poller, which loop runs the iterations (the
   C loop, fastasyncore._cloop, or the Python one, and why), Python, platform
   and whether/where the C core and the C loop are built.
@@ -209,6 +210,15 @@ def cmd_demo(args):
         raise SystemExit("demo: --duration must be in (0, 600] seconds")
     if args.size < 1:
         raise SystemExit("demo: --size must be at least 1")
+    if args.tls:
+        from ._tlsdemo import NO_TRUSTME, run_tls_demo
+        stats = run_tls_demo(clients=args.clients, duration=args.duration,
+                             size=args.size, use_poll=args.use_poll)
+        if stats is None:
+            print(NO_TRUSTME, file=sys.stderr)
+            return 2
+        return 0 if stats["handshakes"] == args.clients and stats["requests"] > 0 \
+            and not stats["errors"] else 1
     stats = run_demo(clients=args.clients, duration=args.duration,
                      max_requests=args.requests, size=args.size, use_poll=args.use_poll)
     ok = stats["requests"] > 0 and not stats["errors"] and not stats["mismatches"]
@@ -343,6 +353,9 @@ def build_parser():
                    help="stop after this many completed echoes (default: no cap)")
     p.add_argument("--size", type=int, default=64, help="bytes per request (default 64)")
     p.add_argument("--use-poll", action="store_true", help="loop(use_poll=True)")
+    p.add_argument("--tls", action="store_true",
+                   help="TLS echo (fastasyncore.tls) with a throwaway certificate; "
+                        "needs trustme")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("info", help="version, backend, poller, loop, Python, platform, C core")
