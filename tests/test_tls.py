@@ -34,13 +34,11 @@ def certs():
     return server, client, untrusting
 
 
-def run_until(m, done, use_poll, seconds=15.0, after=None):
+def run_until(m, done, use_poll, seconds=15.0):
     """Iterate the loop until done() (at most `seconds`); assert it came."""
     deadline = time.monotonic() + seconds
     while not done() and time.monotonic() < deadline:
         asyncore.loop(timeout=0.02, use_poll=use_poll, map=m, count=1)
-        if after is not None:
-            after(m)
     assert done(), "timed out"
 
 
@@ -408,32 +406,20 @@ class SmallReaderConsulted(SmallReader):
         return False
 
 
-def fake_ready_now(monkeypatch):
-    """_loop.ready_now's contract (the loop's, once it lands), emulated by
-    run_until(): one-shot, handle_read_event() after the iteration if the
-    object is still in its map under the same fd."""
+def counting_ready_now(monkeypatch):
+    """_loop.ready_now, counting the channels it is asked for."""
     asked = []
-    calls = []
+    real = _loop.ready_now
 
-    def ready_now(obj):
-        calls.append(obj)
-        asked.append((obj, obj._fileno))
-    monkeypatch.setattr(_loop, "ready_now", ready_now, raising=False)
-
-    def after_iteration(m):
-        todo = asked[:]
-        del asked[:]
-        for obj, fd in todo:
-            if m.get(fd) is obj:
-                asyncore.read(obj)
-    return after_iteration, calls
+    def ready_now(obj, map=None):
+        asked.append(obj)
+        real(obj, map)
+    monkeypatch.setattr(_loop, "ready_now", ready_now)
+    return asked
 
 
-@pytest.mark.parametrize("hook", ["fallback", "ready_now"])
-def test_pending_drained_with_small_recv(backend, use_poll, certs, monkeypatch, hook):
-    after = None
-    if hook == "ready_now":
-        after, asked = fake_ready_now(monkeypatch)
+def test_pending_drained_with_small_recv(backend, use_poll, certs, monkeypatch):
+    asked = counting_ready_now(monkeypatch)
     for cls in (SmallReader, SmallReaderConsulted):
         m = {}
         lst = Listener(m, cls, certs[0])
@@ -442,12 +428,11 @@ def test_pending_drained_with_small_recv(backend, use_poll, certs, monkeypatch, 
         peer = Thread(tls_client, lst.port, certs[1],
                       lambda s: (s.sendall(b"x" * 16000), recv_exactly(s, 4))[1])
         peer.start()
-        run_until(m, lambda: not peer.is_alive(), use_poll, after=after)
+        run_until(m, lambda: not peer.is_alive(), use_poll)
         assert peer.join() == b"done"
         h = lst.handlers[0]
         assert max(h.sizes) == 1024 and sum(h.sizes) == 16000
-        if hook == "ready_now":     # the hook, not the fallback, delivered it
-            assert asked.count(h) >= 14
+        assert asked.count(h) >= 14     # the loop's ready-now delivered it
         assert _loop._classify(h)[0] is (cls is SmallReader)
         asyncore.close_all(m)
 

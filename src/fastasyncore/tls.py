@@ -28,9 +28,6 @@ from ._tlssock import ESTABLISHED, PLAIN, READ, TLSSocket
 
 __all__ = ["TLSMixin"]
 
-#: reads of buffered data per read event while _loop.ready_now is missing
-_FALLBACK_ROUNDS = 64
-
 
 def _stock_pairs() -> Any:
     # (readable, writable) of the library's managed classes (_loop's registry)
@@ -117,9 +114,10 @@ class TLSMixin:
         return t.interest(base)
 
     def _tls_ready_now(self) -> None:
-        ready_now = getattr(_loop, "ready_now", None)
-        if ready_now is not None:
-            ready_now(self)
+        # Records already decrypted and kept by the SSL object: no socket
+        # event will announce them.  The loop delivers a read event at the end
+        # of the next iteration, whose wait does not block (_loop.ready_now).
+        _loop.ready_now(self)
 
     # -- events -----------------------------------------------------------
     def _tls_setup(self, t: TLSSocket) -> bool:
@@ -163,19 +161,7 @@ class TLSMixin:
         if retry_write:
             self.handle_write_event()
         if t.buffered():
-            if getattr(_loop, "ready_now", None) is not None:
-                self._tls_ready_now()
-            else:
-                self._tls_drain(t)
-
-    def _tls_drain(self, t: TLSSocket) -> None:
-        # until _loop.ready_now lands: deliver what the SSL object buffered
-        # now, bounded (a handle_read() that does not recv() must not hang us)
-        for _ in range(_FALLBACK_ROUNDS):
-            if not (t.buffered() and self._tls_mapped()):
-                return
-            if t.fill():
-                super().handle_read_event()   # type: ignore[misc]
+            self._tls_ready_now()
 
     def _tls_mapped(self) -> bool:
         fd = self._fileno                     # type: ignore[attr-defined]
