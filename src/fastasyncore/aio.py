@@ -1,0 +1,344 @@
+"""Run an asyncore socket map on the running asyncio event loop.
+
+``await serve(map)`` drives the map's dispatchers from the asyncio loop's own
+thread, beside asyncio tasks and callbacks, until the map is empty::
+
+    import asyncio
+    from fastasyncore import asyncore
+    from fastasyncore.aio import serve
+
+    async def main():
+        EchoServer("127.0.0.1", 8007)            # asyncore, unchanged
+        web = await asyncio.start_server(...)     # asyncio, same thread
+        await serve()                             # until the map is empty
+
+How it works.  The map's :class:`~fastasyncore._loop.MapState` keeps doing
+the bookkeeping it does under ``loop()`` (which fds a channel wants polled,
+asking the channels that override ``readable()``/``writable()``, picking up
+channels added or closed), but the poller it talks to is a :class:`_Bridge`:
+each interest change becomes ``add_reader``/``add_writer``/``remove_*`` on
+the asyncio loop.  Readiness the asyncio loop reports is collected and handed
+to the loop's own dispatch (``_loop._dispatch``, ``poll2()``'s routing) in one
+batch, after a zero-timeout ``poll()`` over the batch's fds has confirmed it:
+the default selector loop reports an fd again in the iteration before a batch
+ran, and such a stale report must never reach a handler.
+
+Semantics (see README, "asyncio bridge"):
+
+* ``poll2()``-style dispatch (``loop(use_poll=True)``): the same handler calls
+  and exception routing; ``ExitNow``, ``KeyboardInterrupt`` and
+  ``SystemExit`` from a handler end ``serve()`` by raising there.
+* Channels that override ``readable()``/``writable()`` are asked after every
+  batch of events and every :data:`CONSULT_INTERVAL` seconds when idle; an
+  idle map of managed channels costs nothing.
+* Cancelling the task stops at once (no handler runs after ``cancel()``),
+  removes the asyncio registrations and leaves the channels in the map.
+* One map, one driver: ``serve()`` refuses a map that another ``serve()`` or
+  a ``loop()`` in another thread is driving, and ``loop()``/``poll()`` on a
+  served map -- from another thread, another task, or a handler -- raise
+  ``RuntimeError`` (a nested loop would block the asyncio loop).
+* Priority data (``POLLPRI``) is delivered with the map's next batch, not on
+  its own: asyncio watches readability and writability only.
+"""
+
+import asyncio
+import errno
+import select
+import threading
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from . import _loop
+from . import asyncore as _asyncore
+
+__all__ = ["serve", "CONSULT_INTERVAL"]
+
+#: Seconds between two consultations of an idle map's ``readable()`` /
+#: ``writable()`` overrides (``loop()`` asks at least every ``timeout``).
+CONSULT_INTERVAL = 1.0
+
+_READ = _loop.POLLIN | _loop.POLLPRI
+_WRITE = _loop.POLLOUT
+_NEVER = 1 << 62        # st.adapt_at while bridged: the wait mode is ours
+_ALWAYS = frozenset({errno.EPERM, errno.EBADF})
+
+
+class _Serving:
+    """st.thread while a map is served: loop() on it raises busy_message."""
+
+    __slots__ = ()
+    busy_message = ("this socket map is being served by fastasyncore.aio.serve() "
+                    "on an asyncio event loop; loop()/poll() cannot drive it at "
+                    "the same time")
+
+    def __repr__(self) -> str:
+        return "<served by fastasyncore.aio.serve()>"
+
+
+_SERVING = _Serving()
+
+
+class _Bridge:
+    """The MapState's poller while served: interest -> asyncio registrations,
+    asyncio readiness -> one batch dispatched through the loop's _dispatch."""
+
+    def __init__(self, aloop: asyncio.AbstractEventLoop, st: _loop.MapState,
+                 map: Any) -> None:
+        self.aloop = aloop
+        self.st = st
+        self.map = map
+        self.tid = threading.get_ident()
+        self.reg: Dict[int, int] = {}       # fd -> _READ/_WRITE bits told to asyncio
+        self.ready: Dict[int, int] = {}     # fd -> bits asyncio reported
+        self.always: Set[int] = set()       # refused (EPERM/EBADF): poll(2) decides
+        self.faults: List[Tuple[int, int]] = []  # refused otherwise: reported once
+        self.done: "asyncio.Future[None]" = aloop.create_future()
+        self.scheduled = False
+        self.timer: Optional[asyncio.Handle] = None
+        self.timer_at = 0.0
+
+    # -- the poller interface MapState uses (see _pure.Poller) -------------
+    def modify(self, fd: int, events: int) -> None:
+        _loop._check_key(fd)
+        self._apply(fd, events)
+        if not events and not self.map:
+            self.wake()             # the map was emptied: serve() returns
+
+    def update(self, changes: Dict[int, int]) -> None:
+        for fd, events in changes.items():
+            self._apply(fd, events)
+
+    def wait(self, timeout_ms: int) -> List[Tuple[int, int]]:
+        raise RuntimeError(_Serving.busy_message)
+
+    def close(self) -> None:
+        pass                        # the registrations go in stop()
+
+    # -- asyncio registrations ---------------------------------------------
+    def _apply(self, fd: int, events: int) -> None:
+        want = (_READ if events & _READ else 0) | (_WRITE if events & _WRITE else 0)
+        have = self.reg.get(fd, 0)
+        if want == have:
+            return
+        if fd in self.always:
+            if not want:
+                self.always.discard(fd)
+                del self.reg[fd]
+            else:
+                self.reg[fd] = want
+            return
+        self._unwatch(fd, have & ~want)
+        try:
+            self._watch(fd, want & ~have)
+        except OSError:
+            # A stale key (the fd was closed and its number reused behind
+            # our back): drop it all and register afresh, once.
+            self._unwatch(fd, _READ | _WRITE)
+            try:
+                self._watch(fd, want)
+            except OSError as exc:
+                self._unwatch(fd, _READ | _WRITE)
+                self._refused(fd, exc)
+        if want:
+            self.reg[fd] = want
+        else:
+            self.reg.pop(fd, None)
+
+    def _watch(self, fd: int, bits: int) -> None:
+        if bits & _READ:
+            self.aloop.add_reader(fd, self.on_ready, fd, _READ)
+        if bits & _WRITE:
+            self.aloop.add_writer(fd, self.on_ready, fd, _WRITE)
+
+    def _unwatch(self, fd: int, bits: int) -> None:
+        # remove_* of an fd closed while registered raises in some versions
+        # (selectors' modify() of a dead fd); the key is gone then anyway.
+        if bits & _READ:
+            try:
+                self.aloop.remove_reader(fd)
+            except OSError:
+                pass
+        if bits & _WRITE:
+            try:
+                self.aloop.remove_writer(fd)
+            except OSError:
+                pass
+
+    def _refused(self, fd: int, exc: OSError) -> None:
+        # What the backend pollers do with an fd the kernel refuses: a
+        # closed one reads POLLNVAL and a regular file is always ready, as
+        # poll(2) says (the zero-timeout poll of each batch asks it); any
+        # other refusal is the fd's, reported once (POLLFAULT, errno).
+        if exc.errno in _ALWAYS:
+            self.always.add(fd)
+        elif exc.errno is None:
+            raise exc
+        else:
+            self.faults.append((fd, _loop._FAULT | exc.errno << _loop._FAULT_SHIFT))
+        self.wake()
+
+    def stop(self) -> None:
+        """Remove every asyncio registration and timer (serve() is over)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for fd, bits in list(self.reg.items()):
+            if fd not in self.always:
+                self._unwatch(fd, bits)
+        self.reg.clear()
+        self.always.clear()
+        self.ready.clear()
+
+    # -- readiness and batches ---------------------------------------------
+    def on_ready(self, fd: int, bit: int) -> None:
+        """asyncio's reader/writer callback: note it, dispatch in a batch."""
+        r = self.ready
+        r[fd] = r.get(fd, 0) | bit
+        if not self.scheduled:
+            self.scheduled = True
+            self.aloop.call_soon(self.batch)
+
+    def wake(self) -> None:
+        """Run a batch soon (the map changed outside a batch); any thread."""
+        if self.scheduled:
+            return
+        self.scheduled = True
+        if threading.get_ident() == self.tid:
+            self.aloop.call_soon(self.batch)
+        else:
+            self.aloop.call_soon_threadsafe(self.batch)
+
+    def _confirmed(self) -> List[Tuple[int, int]]:
+        # The batch's events, as a zero-timeout poll(2) over its fds sees
+        # them now, for the interest the MapState has now.
+        ready = self.ready
+        if self.always:
+            for fd in self.always:
+                ready.setdefault(fd, 0)
+        self.ready = {}
+        mask = self.st.mask
+        p = select.poll()
+        n = 0
+        for fd in ready:
+            m = mask.get(fd)
+            if m:
+                p.register(fd, m)
+                n += 1
+        events = p.poll(0) if n else []
+        if self.faults:
+            events = self.faults + events
+            self.faults = []
+        return events
+
+    def batch(self) -> None:
+        """Dispatch the collected events, then bring the registrations in
+        line with the map (reconcile, consult, flush: _loop._prepare)."""
+        self.scheduled = False
+        if self.done.done():
+            return                  # cancelled or finished: no handler runs
+        st, map = self.st, self.map
+        try:
+            if self.ready or self.faults or self.always:
+                events = self._confirmed()
+                if events:
+                    st.nev += len(events)
+                    _loop._dispatch(st, map, events, False)
+            # loop services: run here once merged (due timers, callbacks
+            # handed over with call_soon_threadsafe).
+            if map:
+                self.prepare()
+        except BaseException as exc:
+            self.finish(exc)
+            return
+        if not map:
+            self.finish(None)
+        elif self.always and not self.scheduled:
+            # poll(2) keeps reporting these: as loop() does, iterate again
+            self.scheduled = True
+            self.aloop.call_soon(self.batch)
+
+    def prepare(self) -> None:
+        st = self.st
+        if st.poller is not self:
+            self.adopt()            # a test's _force_mode made adapt() switch
+        st.adapt_at = _NEVER
+        ms = _loop._prepare(st, self.map, None, False)
+        if st.poller is not self:
+            self.adopt()
+        delay: Optional[float] = CONSULT_INTERVAL if st.consulted else None
+        if ms >= 0 and (delay is None or ms / 1000.0 < delay):
+            delay = ms / 1000.0     # a suspended fd (accept back-off) resumes
+        if delay is not None:
+            at = self.aloop.time() + delay
+            if self.timer is None or self.timer_at > at:
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer = self.aloop.call_at(at, self.on_timer)
+                self.timer_at = at
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.wake()
+
+    def adopt(self) -> None:
+        """Become the MapState's poller: register what it holds."""
+        st = self.st
+        old = st.poller
+        if old is not None and old is not self:
+            old.close()
+        st.poller = self
+        st.spoll = st.sreg = None
+        self.stop()
+        for fd, m in st.mask.items():
+            self._apply(fd, m)
+        st.batch.clear()
+
+    def finish(self, exc: Optional[BaseException]) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+
+
+async def serve(map: Optional[Dict[int, Any]] = None) -> None:
+    """Drive the socket ``map`` (default ``asyncore.socket_map``) on the
+    running asyncio event loop until the map is empty.
+
+    Returns at once for an empty map.  Raises ``RuntimeError`` when the map
+    is already driven (another ``serve()``, or ``loop()`` in another
+    thread), and what a handler lets through (``ExitNow``,
+    ``KeyboardInterrupt``, ``SystemExit``, an error of ``handle_error()``).
+    Cancelling the task stops serving at once; the channels stay in the map.
+    """
+    if map is None:
+        map = _asyncore.socket_map
+    if not map:
+        return
+    aloop = asyncio.get_running_loop()
+    st = _loop._state(map)
+    if st.thread is not None:
+        if st.thread is _SERVING:
+            raise RuntimeError("this socket map is already being served by "
+                               "another fastasyncore.aio.serve()")
+        raise RuntimeError("this socket map is being polled by loop()/poll() "
+                           "(in another thread, or an outer frame); it cannot "
+                           "be served at the same time")
+    bridge = _Bridge(aloop, st, map)
+    st.thread = _SERVING
+    _loop.set_waker(st, bridge.wake)
+    try:
+        bridge.adopt()
+        bridge.prepare()
+        if not map:
+            return
+        await bridge.done
+    finally:
+        bridge.stop()
+        _loop.set_waker(st, None)
+        # Back to the loop's stateless wait; loop() adapts from there.
+        st.poller = None
+        st.spoll = st.sreg = None
+        st.batch.clear()
+        st.iters = st.nchg = st.nev = 0
+        st.adapt_at = _loop._ADAPT_FIRST
+        _loop._run_release(st, map)
