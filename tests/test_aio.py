@@ -1,0 +1,485 @@
+"""fastasyncore.aio.serve(): an asyncore map on the running asyncio loop.
+
+Every test runs on each backend case (``backend`` fixture) and on the default
+asyncio loop and uvloop (skipped when uvloop is not importable).
+"""
+
+import asyncio
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from fastasyncore import _loop, aio, asyncore
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def aloop(request, backend):
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def amap():
+    m = {}
+    yield m
+    asyncore.close_all(m)
+
+
+def run(aloop, coro, timeout=10.0):
+    return aloop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+errors = []
+
+
+class Recorded:
+    """handle_error() records the exception (and closes, as 3.11 does)."""
+
+    def handle_error(self):
+        errors.append(sys.exc_info()[1])
+        self.close()
+
+
+@pytest.fixture(autouse=True)
+def no_errors():
+    errors.clear()
+    yield
+    assert errors == []
+
+
+class DocsEcho(Recorded, asyncore.dispatcher):
+    """The docs pattern: a buffer, writable() overridden."""
+
+    def __init__(self, sock, map):
+        super().__init__(sock, map=map)
+        self.buf = b""
+
+    def handle_read(self):
+        self.buf += self.recv(8192)
+
+    def writable(self):
+        return bool(self.buf)
+
+    def handle_write(self):
+        self.buf = self.buf[self.send(self.buf):]
+
+    def handle_close(self):
+        self.close()
+
+
+class SendEcho(Recorded, asyncore.dispatcher_with_send):
+    def handle_read(self):
+        data = self.recv(8192)
+        if data:
+            self.send(data)
+
+    def handle_close(self):
+        self.close()
+
+
+class Server(Recorded, asyncore.dispatcher):
+    def __init__(self, handler, map):
+        super().__init__(map=map)
+        self.handler = handler
+        self.create_socket()
+        self.set_reuse_addr()
+        self.bind(("127.0.0.1", 0))
+        self.listen(64)
+        self.port = self.socket.getsockname()[1]
+
+    def handle_accepted(self, sock, addr):
+        self.handler(sock, self._map)
+
+
+class Pair(Recorded, asyncore.dispatcher):
+    """One end of a socketpair in the map; counts its events."""
+
+    def __init__(self, sock, map):
+        super().__init__(sock, map=map)
+        self.reads = 0
+
+    def handle_read(self):
+        self.reads += 1
+        self.recv(100)
+
+    def writable(self):
+        return False
+
+
+async def _echo_clients(port, nclients, nmsgs):
+    async def client(i):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for j in range(nmsgs):
+            msg = b"%d:%d;" % (i, j) * (1 + j % 50)
+            w.write(msg)
+            assert await r.readexactly(len(msg)) == msg
+        w.close()
+        await w.wait_closed()
+    await asyncio.gather(*(client(i) for i in range(nclients)))
+
+
+@pytest.mark.parametrize("handler", [DocsEcho, SendEcho], ids=["docs", "with_send"])
+def test_asyncio_clients_against_asyncore_echo(aloop, amap, handler):
+    srv = Server(handler, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await _echo_clients(srv.port, 8, 40)
+        # the handlers closed their channels (clients gone): only the listener
+        for _ in range(100):
+            if len(amap) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert list(amap.values()) == [srv]
+        srv.close()
+        await task          # the map is empty: serve() returns
+
+    run(aloop, main())
+    assert amap == {}
+    assert _loop._wakers == {}
+
+
+def test_asyncore_client_against_asyncio_server(aloop, amap):
+    got = []
+
+    class Client(Recorded, asyncore.dispatcher_with_send):
+        def __init__(self, port):
+            super().__init__(map=amap)
+            self.create_socket()
+            self.connect(("127.0.0.1", port))
+            self.send(b"hello\n")
+            self.data = b""
+
+        def handle_read(self):
+            self.data += self.recv(100)
+            if self.data.endswith(b"\n"):
+                got.append(self.data)
+                self.close()
+
+    async def handle(reader, writer):
+        line = await reader.readline()
+        writer.write(line.upper())
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        keep = Server(SendEcho, amap)       # an idle channel keeps serve() up
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.05)
+        # added by another task, outside any handler: picked up at once,
+        # not at the next periodic consultation (CONSULT_INTERVAL)
+        t0 = time.monotonic()
+        Client(port)
+        while not got and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.005)
+        assert got == [b"HELLO\n"]
+        assert time.monotonic() - t0 < aio.CONSULT_INTERVAL / 2
+        keep.close()
+        await task
+        server.close()
+        await server.wait_closed()
+
+    run(aloop, main())
+
+
+def test_cancel_then_loop_finishes(aloop, amap):
+    srv = Server(DocsEcho, amap)
+    cli = socket.create_connection(("127.0.0.1", srv.port))
+    calls = []
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.05)
+        assert len(amap) == 2               # accepted
+        echo = [o for o in amap.values() if o is not srv][0]
+        orig = echo.handle_read
+        echo.handle_read = lambda: (calls.append(1), orig())
+        task.cancel()
+        cli.sendall(b"ping")                # ready while cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        c0 = time.process_time()
+        await asyncio.sleep(0.2)            # no registration is left behind:
+        assert time.process_time() - c0 < 0.05      # no spinning on it
+        aloop = asyncio.get_running_loop()
+        for fd in amap:
+            assert not aloop.remove_reader(fd) and not aloop.remove_writer(fd)
+        return echo
+
+    echo = run(aloop, main())
+    assert calls == []
+    assert set(amap.values()) == {srv, echo}
+    assert _loop._states[id(amap)].thread is None
+    cli.settimeout(5)
+    t = threading.Thread(target=lambda: asyncore.loop(0.02, map=amap, count=50))
+    t.start()
+    assert cli.recv(10) == b"ping"
+    cli.close()
+    t.join()
+    assert calls and list(amap.values()) == [srv]
+
+
+def test_cancel_then_serve_resumes(aloop, amap):
+    srv = Server(SendEcho, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        task = asyncio.ensure_future(aio.serve(amap))
+        await _echo_clients(srv.port, 2, 5)
+        srv.close()
+        await task
+
+    run(aloop, main())
+
+
+def test_exitnow_ends_serve(aloop, amap):
+    a, b = socket.socketpair()
+
+    class Quit(Pair):
+        def handle_read(self):
+            super().handle_read()
+            raise asyncore.ExitNow("stop")
+
+    q = Quit(a, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        b.send(b"x")
+        with pytest.raises(asyncore.ExitNow, match="stop"):
+            await task
+
+    run(aloop, main())
+    assert q.reads == 1 and amap == {a.fileno(): q}     # left open
+    b.close()
+
+
+def test_handler_error_routed_like_loop(aloop, amap):
+    a, b = socket.socketpair()
+    seen = []
+
+    class Boom(Pair):
+        def handle_read(self):
+            super().handle_read()
+            raise ValueError("boom")
+
+        def handle_error(self):
+            seen.append(sys.exc_info()[0])
+            self.close()
+
+    Boom(a, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        b.send(b"x")
+        await task                          # handle_error closed it: map empty
+
+    run(aloop, main())
+    assert seen == [ValueError]
+    b.close()
+
+
+def test_idle_map_costs_nothing(aloop, amap):
+    asked = []
+
+    class Idle(Pair):
+        def readable(self):
+            asked.append(1)
+            return True
+
+    a, b = socket.socketpair()
+    Idle(a, amap)
+    Server(SendEcho, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.05)
+        n0 = len(asked)
+        c0 = time.process_time()
+        await asyncio.sleep(0.5)
+        cpu = time.process_time() - c0
+        task.cancel()
+        return cpu, len(asked) - n0
+
+    cpu, nasked = run(aloop, main())
+    assert cpu < 0.1, cpu
+    assert nasked <= 2, nasked              # CONSULT_INTERVAL = 1 s
+    b.close()
+
+
+def test_map_emptied_inside_handler(aloop, amap):
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+
+    class Closer(Pair):
+        def handle_read(self):
+            super().handle_read()
+            asyncore.close_all(self._map)
+
+    Closer(a, amap)
+    Pair(c, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        b.send(b"x")
+        d.send(b"y")
+        await task
+
+    run(aloop, main())
+    assert amap == {}
+    for s in (b, d):
+        s.close()
+
+
+def test_closed_and_reused_fd_in_one_batch(aloop, amap):
+    # A's handler closes B and opens C, which gets B's fd number; B's report
+    # in the same batch must not reach C (no data: a recv would fail).
+    pairs = [socket.socketpair() for _ in range(2)]
+    made = []
+
+    class Killer(Pair):
+        def handle_read(self):
+            super().handle_read()
+            victim = amap[pairs[1][0].fileno()]
+            fd = victim._fileno
+            victim.close()
+            x, y = socket.socketpair()
+            made.append((Pair(x, amap), y, fd))
+
+    Killer(pairs[0][0], amap)
+    Pair(pairs[1][0], amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        pairs[1][1].send(b"y")
+        pairs[0][1].send(b"x")
+        await asyncio.sleep(0.1)
+        c, y, fd = made[0]
+        assert c.reads == 0
+        y.send(b"z")                        # C is registered and served
+        for _ in range(100):
+            if c.reads:
+                break
+            await asyncio.sleep(0.01)
+        assert c.reads == 1
+        task.cancel()
+
+    run(aloop, main())
+    for a, b in pairs:
+        b.close()
+    made[0][1].close()
+
+
+def test_stale_reports_never_reach_handlers(aloop, amap):
+    # Each handler reads exactly what is there; a read without data would
+    # raise BlockingIOError, which the Recorded handler would record.
+    class Strict(Recorded, asyncore.dispatcher):
+        def __init__(self, sock, map):
+            super().__init__(sock, map=map)
+            self.n = 0
+
+        def handle_read(self):
+            assert self.recv(1) == b"."
+            self.n += 1
+
+        def writable(self):
+            return False
+
+    ends = []
+    objs = []
+    for _ in range(5):
+        a, b = socket.socketpair()
+        ends.append(b)
+        objs.append(Strict(a, amap))
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        for _ in range(20):
+            for b in ends:
+                b.send(b".")
+            await asyncio.sleep(0)
+        for _ in range(200):
+            if all(o.n == 20 for o in objs):
+                break
+            await asyncio.sleep(0.005)
+        task.cancel()
+
+    run(aloop, main())
+    assert [o.n for o in objs] == [20] * 5
+    for b in ends:
+        b.close()
+
+
+def test_one_driver_per_map(aloop, amap):
+    a, b = socket.socketpair()
+    Pair(a, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        with pytest.raises(RuntimeError, match="already being served"):
+            await aio.serve(amap)
+        res = []
+
+        def other_thread():
+            try:
+                asyncore.loop(0.01, map=amap, count=2)
+            except RuntimeError as e:
+                res.append(e)
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        await asyncio.get_running_loop().run_in_executor(None, t.join)
+        assert len(res) == 1 and "served by fastasyncore.aio.serve()" in str(res[0])
+        # and from inside the map's own thread (another task, a handler)
+        with pytest.raises(RuntimeError, match="served by"):
+            asyncore.loop(0.01, map=amap, use_poll=True, count=1)
+        task.cancel()
+
+    run(aloop, main())
+
+    # serve() while loop() runs in another thread
+    inside = threading.Event()
+    release = threading.Event()
+
+    class Waiting(Pair):
+        def readable(self):
+            inside.set()
+            release.wait(5)
+            return True
+
+    c, d = socket.socketpair()
+    w = Waiting(c, amap)
+    t = threading.Thread(target=lambda: asyncore.loop(0.01, map=amap, count=1))
+    t.start()
+    assert inside.wait(5)
+    try:
+        with pytest.raises(RuntimeError, match="being polled by loop"):
+            run(aloop, aio.serve(amap))
+    finally:
+        release.set()
+        t.join()
+    w.close()
+    for s in (b, d):
+        s.close()
+
+
+def test_empty_map_returns_at_once(aloop):
+    run(aloop, aio.serve({}), timeout=1)
