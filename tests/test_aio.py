@@ -147,6 +147,29 @@ def test_asyncio_clients_against_asyncore_echo(aloop, amap, handler):
     assert _loop._wakers == {}
 
 
+@pytest.mark.parametrize("handler", [DocsEcho, SendEcho], ids=["docs", "with_send"])
+def test_bulk_echo_waits_for_writability(aloop, amap, handler):
+    # 4 MiB through one channel, read back only once all of it was sent:
+    # the echo's sends fill the socket buffer, and only an asyncio writer
+    # (no more reads to piggyback on) tells it when to go on.
+    srv = Server(handler, amap)
+    blob = bytes(range(256)) * (4 << 12)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+
+        w.write(blob)
+        await w.drain()
+        await asyncio.sleep(0.05)       # the echo's sends are stuck by now
+        assert await r.readexactly(len(blob)) == blob
+        w.close()
+        srv.close()
+        await task
+
+    run(aloop, main(), timeout=30)
+
+
 def test_asyncore_client_against_asyncio_server(aloop, amap):
     got = []
 

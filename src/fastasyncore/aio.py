@@ -90,6 +90,10 @@ class _Bridge:
         self.reg: Dict[int, int] = {}       # fd -> _READ/_WRITE bits told to asyncio
         self.ready: Dict[int, int] = {}     # fd -> bits asyncio reported
         self.always: Set[int] = set()       # refused (EPERM/EBADF): poll(2) decides
+        # fds that want POLLOUT and have no asyncio writer yet: the next
+        # batch polls them first (a socket is mostly writable at once: no
+        # add_writer/remove_writer pair per write, the docs pattern's cost)
+        self.wpend: Set[int] = set()
         self.faults: List[Tuple[int, int]] = []  # refused otherwise: reported once
         self.done: "asyncio.Future[None]" = aloop.create_future()
         self.scheduled = False
@@ -117,6 +121,17 @@ class _Bridge:
     def _apply(self, fd: int, events: int) -> None:
         want = (_READ if events & _READ else 0) | (_WRITE if events & _WRITE else 0)
         have = self.reg.get(fd, 0)
+        if want & _WRITE and not have & _WRITE and fd not in self.always:
+            self.wpend.add(fd)      # registered by _confirmed() if not writable
+            want &= ~_WRITE
+            if not self.scheduled:
+                self.scheduled = True
+                self.aloop.call_soon(self.batch)
+        elif self.wpend:
+            self.wpend.discard(fd)
+        self._register(fd, want, have)
+
+    def _register(self, fd: int, want: int, have: int) -> None:
         if want == have:
             return
         if fd in self.always:
@@ -186,6 +201,7 @@ class _Bridge:
                 self._unwatch(fd, bits)
         self.reg.clear()
         self.always.clear()
+        self.wpend.clear()
         self.ready.clear()
 
     # -- readiness and batches ---------------------------------------------
@@ -214,6 +230,11 @@ class _Bridge:
         if self.always:
             for fd in self.always:
                 ready.setdefault(fd, 0)
+        wpend = self.wpend
+        if wpend:
+            for fd in wpend:
+                ready.setdefault(fd, 0)
+            self.wpend = set()
         self.ready = {}
         mask = self.st.mask
         p = select.poll()
@@ -224,6 +245,18 @@ class _Bridge:
                 p.register(fd, m)
                 n += 1
         events = p.poll(0) if n else []
+        if wpend:
+            # Writable now: dispatched, and polled again by the next batch
+            # while it wants POLLOUT.  Not writable: an asyncio writer waits.
+            ok = {fd for fd, ev in events if ev & (_WRITE | _loop._CLOSE_BITS)}
+            for fd in wpend:
+                if not mask.get(fd, 0) & _WRITE or fd in self.always:
+                    continue
+                if fd in ok:
+                    self.wpend.add(fd)
+                else:
+                    have = self.reg.get(fd, 0)
+                    self._register(fd, have | _WRITE, have)
         if self.faults:
             events = self.faults + events
             self.faults = []
@@ -237,7 +270,7 @@ class _Bridge:
             return                  # cancelled or finished: no handler runs
         st, map = self.st, self.map
         try:
-            if self.ready or self.faults or self.always:
+            if self.ready or self.faults or self.always or self.wpend:
                 events = self._confirmed()
                 if events:
                     st.nev += len(events)
@@ -251,8 +284,8 @@ class _Bridge:
             return
         if not map:
             self.finish(None)
-        elif self.always and not self.scheduled:
-            # poll(2) keeps reporting these: as loop() does, iterate again
+        elif (self.always or self.wpend) and not self.scheduled:
+            # poll(2) would report these now: as loop() does, iterate again
             self.scheduled = True
             self.aloop.call_soon(self.batch)
 
