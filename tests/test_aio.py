@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fastasyncore import _loop, aio, asyncore
+from fastasyncore import _loop, aio, asynchat, asyncore
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -168,6 +168,42 @@ def test_bulk_echo_waits_for_writability(aloop, amap, handler):
         await task
 
     run(aloop, main(), timeout=30)
+
+
+def test_async_chat_lines(aloop, amap):
+    class Upper(Recorded, asynchat.async_chat):
+        def __init__(self, sock, map):
+            super().__init__(sock, map=map)
+            self.set_terminator(b"\n")
+            self.buf = []
+
+        def collect_incoming_data(self, data):
+            self.buf.append(data)
+
+        def found_terminator(self):
+            line = b"".join(self.buf)
+            self.buf = []
+            self.push(line.upper() + b"\n")
+            if line == b"quit":
+                self.close_when_done()
+
+    srv = Server(Upper, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(b"one\ntwo\nthr")
+        assert await r.readline() == b"ONE\n"
+        assert await r.readline() == b"TWO\n"
+        w.write(b"ee\n" + b"x" * 100000 + b"\nquit\n")
+        assert await r.readline() == b"THREE\n"
+        assert await r.readexactly(100001) == b"X" * 100000 + b"\n"
+        assert await r.readline() == b"QUIT\n"
+        assert await r.read() == b""            # close_when_done()
+        srv.close()
+        await task
+
+    run(aloop, main())
 
 
 def test_asyncore_client_against_asyncio_server(aloop, amap):
