@@ -5,59 +5,34 @@ overridden; ``managed``: dispatcher_with_send) the same server code runs in
 a child process driven by ``asyncore.loop(use_poll=...)`` or by
 ``await fastasyncore.aio.serve()`` on the default asyncio loop and on uvloop
 (when installed), against the C load generator (``fabench client``, ping-pong
-over --conns connections).  Linux only (the load generator uses epoll).
+over --conns connections).  The server code is the bench harness's
+(``fastasyncore._bench.worker``); drivers are interleaved over --rounds and
+the median is reported, with the server's CPU time per request.  Linux only (the load generator uses epoll).
 
-    python benchmarks/aio_echo.py [--conns 50] [--duration 3] [--backend cffi]
+    python benchmarks/aio_echo.py [--conns 50] [--duration 3] [--rounds 3] [--backend cffi]
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-HOST = "127.0.0.1"
 DRIVERS = ["loop", "loop-poll", "serve-asyncio", "serve-uvloop"]
 
 
 def serve_child(driver: str, pattern: str) -> None:
-    """The server: print PORT, serve until stdin reaches EOF."""
-    from fastasyncore import asyncore
+    """The server (the bench harness's, _bench.worker): print PORT, serve
+    until stdin reaches EOF."""
+    from fastasyncore import asynchat, asyncore
+    from fastasyncore._bench.worker import make_asyncore_server
 
-    class Docs(asyncore.dispatcher):
-        def __init__(self, sock, map):
-            super().__init__(sock, map=map)
-            self.buf = b""
-
-        def handle_read(self):
-            self.buf += self.recv(65536)
-
-        def writable(self):
-            return bool(self.buf)
-
-        def handle_write(self):
-            self.buf = self.buf[self.send(self.buf):]
-
-        def handle_close(self):
-            self.close()
-
-    class Managed(asyncore.dispatcher_with_send):
-        def handle_read(self):
-            data = self.recv(65536)
-            if data:
-                self.send(data)
-
-        def handle_close(self):
-            self.close()
-
-    handler = Docs if pattern == "docs" else Managed
     m: dict = {}
-
-    class Server(asyncore.dispatcher):
-        def handle_accepted(self, sock, addr):
-            handler(sock, m)
+    stats = {"errors": 0, "first_error": None, "consumed": [0]}
+    srv = make_asyncore_server(asyncore, asynchat, pattern, m, stats)
 
     class Stdin(asyncore.file_dispatcher):
         def handle_read(self):
@@ -67,25 +42,22 @@ def serve_child(driver: str, pattern: str) -> None:
         def writable(self):
             return False
 
-    srv = Server(map=m)
-    srv.create_socket()
-    srv.set_reuse_addr()
-    srv.bind((HOST, 0))
-    srv.listen(1024)
     Stdin(0, map=m)
     print("PORT %d" % srv.socket.getsockname()[1], flush=True)
     if driver.startswith("loop"):
         asyncore.loop(timeout=1.0, use_poll=driver == "loop-poll", map=m)
-        return
-    import asyncio
-    from fastasyncore.aio import serve
-    if driver == "serve-uvloop":
-        import uvloop
-        loop = uvloop.new_event_loop()
     else:
-        loop = asyncio.new_event_loop()
-    loop.run_until_complete(serve(m))
-    loop.close()
+        import asyncio
+        from fastasyncore.aio import serve
+        if driver == "serve-uvloop":
+            import uvloop
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        loop.run_until_complete(serve(m))
+        loop.close()
+    if stats["errors"]:
+        print("server errors: %(errors)d, first: %(first_error)s" % stats, file=sys.stderr)
 
 
 def measure(fabench: str, driver: str, pattern: str, args: argparse.Namespace) -> dict:
@@ -119,6 +91,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--backend", default="cffi", choices=["cffi", "pure"])
     p.add_argument("--patterns", default="docs,managed")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     if args.serve:
         serve_child(*args.serve)
@@ -135,20 +108,28 @@ def main() -> int:
     except ImportError:
         drivers = DRIVERS[:-1]
         print("(uvloop not installed: no serve-uvloop column)")
-    print("backend=%s conns=%d duration=%.1fs python=%s"
-          % (args.backend, args.conns, args.duration, sys.version.split()[0]))
-    print("%-8s" % "pattern" + "".join("%16s" % d for d in drivers))
+    print("backend=%s conns=%d duration=%.1fs rounds=%d python=%s; median r/s "
+          "(server CPU us per request)" % (args.backend, args.conns, args.duration,
+                                           args.rounds, sys.version.split()[0]))
+    print("%-8s" % "pattern" + "".join("%22s" % d for d in drivers))
     for pattern in args.patterns.split(","):
+        runs: dict = {d: [] for d in drivers}
+        for _ in range(args.rounds):            # interleaved: same conditions
+            for d in drivers:
+                res = measure(fabench, d, pattern, args)
+                if res.get("ok") and res["requests"]:
+                    runs[d].append((res["requests"] / res["elapsed"],
+                                    1e6 * res["server_cpu"] / res["requests"]))
+                time.sleep(0.2)
         row = []
         for d in drivers:
-            res = measure(fabench, d, pattern, args)
-            if res.get("ok"):
-                rate = res["requests"] / res["elapsed"]
-                row.append("%10.0f r/s" % rate)
+            if runs[d]:
+                rate = statistics.median(r for r, _ in runs[d])
+                cpu = statistics.median(c for _, c in runs[d])
+                row.append("%9.0f r/s (%5.1f)" % (rate, cpu))
             else:
-                row.append("%16s" % ("error: " + str(res.get("error"))[:8]))
-            time.sleep(0.2)
-        print("%-8s" % pattern + "".join("%16s" % c for c in row), flush=True)
+                row.append("failed")
+        print("%-8s" % pattern + "".join("%22s" % c for c in row), flush=True)
     return 0
 
 
