@@ -96,7 +96,8 @@ class _Bridge:
         self.wpend: Set[int] = set()
         self.faults: List[Tuple[int, int]] = []  # refused otherwise: reported once
         self.done: "asyncio.Future[None]" = aloop.create_future()
-        self.scheduled = False
+        self.scheduled = False      # a batch is due (or running)
+        self.forced = False         # ... and must reconcile/consult (wake())
         self.timer: Optional[asyncio.Handle] = None
         self.timer_at = 0.0
 
@@ -124,7 +125,7 @@ class _Bridge:
         if want & _WRITE and not have & _WRITE and fd not in self.always:
             self.wpend.add(fd)      # registered by _confirmed() if not writable
             want &= ~_WRITE
-            if not self.scheduled:
+            if not self.scheduled:  # (a running batch looks at wpend last)
                 self.scheduled = True
                 self.aloop.call_soon(self.batch)
         elif self.wpend:
@@ -215,6 +216,7 @@ class _Bridge:
 
     def wake(self) -> None:
         """Run a batch soon (the map changed outside a batch); any thread."""
+        self.forced = True
         if self.scheduled:
             return
         self.scheduled = True
@@ -264,12 +266,18 @@ class _Bridge:
 
     def batch(self) -> None:
         """Dispatch the collected events, then bring the registrations in
-        line with the map (reconcile, consult, flush: _loop._prepare)."""
-        self.scheduled = False
+        line with the map (reconcile, consult, flush: _loop._prepare).
+
+        self.scheduled stays set while it runs: what handlers change is
+        seen by this batch's prepare(), not by another batch.  A batch
+        whose reports all proved stale dispatches nothing and, unless
+        woken, skips prepare(): nothing changed since the last one."""
         if self.done.done():
+            self.scheduled = False
             return                  # cancelled or finished: no handler runs
         st, map = self.st, self.map
         try:
+            events = None
             if self.ready or self.faults or self.always or self.wpend:
                 events = self._confirmed()
                 if events:
@@ -277,14 +285,18 @@ class _Bridge:
                     _loop._dispatch(st, map, events, False)
             # loop services: run here once merged (due timers, callbacks
             # handed over with call_soon_threadsafe).
-            if map:
+            if map and (events or self.forced or st.pending or st.full
+                        or len(map) != len(st.owner)):
                 self.prepare()
+                self.forced = False
         except BaseException as exc:
+            self.scheduled = False
             self.finish(exc)
             return
+        self.scheduled = False
         if not map:
             self.finish(None)
-        elif (self.always or self.wpend) and not self.scheduled:
+        elif self.always or self.wpend or self.faults or self.ready or self.forced:
             # poll(2) would report these now: as loop() does, iterate again
             self.scheduled = True
             self.aloop.call_soon(self.batch)
