@@ -5,6 +5,7 @@ asyncio loop and uvloop (skipped when uvloop is not importable).
 """
 
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -542,3 +543,31 @@ def test_one_driver_per_map(aloop, amap):
 
 def test_empty_map_returns_at_once(aloop):
     run(aloop, aio.serve({}), timeout=1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_serve_and_loop_in_turn_leak_no_fds(aloop, amap):
+    a, b = socket.socketpair()
+    p = Pair(a, amap)
+    asyncore.loop(0.01, map=amap, count=2)      # the map's own poller exists
+
+    async def cycle():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.005)
+        b.send(b"x")
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    own = _loop._states[id(amap)].poller
+    nfds = len(os.listdir("/proc/self/fd"))
+    for i in range(10):
+        run(aloop, cycle())
+        b.send(b"y")
+        asyncore.loop(0.01, map=amap, count=2)
+        assert p.reads == 2 * (i + 1)
+    assert len(os.listdir("/proc/self/fd")) <= nfds
+    assert own is None or own.fileno() == -1    # closed by the first serve()
+    assert _loop._states[id(amap)].thread is None
+    b.close()
