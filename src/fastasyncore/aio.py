@@ -21,7 +21,14 @@ the asyncio loop.  Readiness the asyncio loop reports is collected and handed
 to the loop's own dispatch (``_loop._dispatch``, ``poll2()``'s routing) in one
 batch, after a zero-timeout ``poll()`` over the batch's fds has confirmed it:
 the default selector loop reports an fd again in the iteration before a batch
-ran, and such a stale report must never reach a handler.
+ran, and such a stale report must never reach a handler.  A channel that
+starts wanting to write is polled by the next batch first and gets an asyncio
+writer only if it is not writable then (the docs pattern toggles writable()
+at every message: no add_writer/remove_writer pair each time).  Removals
+reach asyncio at once, before the dispatcher's close() closes the socket, so
+an fd number reused within a batch starts clean.  The loop's own poller
+(epoll/kqueue) is closed while serving; loop() starts again from its
+stateless wait and adapts.
 
 Semantics (see README, "asyncio bridge"):
 
