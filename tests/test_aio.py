@@ -571,3 +571,49 @@ def test_serve_and_loop_in_turn_leak_no_fds(aloop, amap):
     assert own is None or own.fileno() == -1    # closed by the first serve()
     assert _loop._states[id(amap)].thread is None
     b.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_readme_example_runs():
+    """The README's migration example, on free ports, driven by a check."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## asyncio bridge"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    echo_port, web_port = _free_port(), _free_port()
+    code = code.replace("8007", str(echo_port)).replace("8008", str(web_port))
+    code = code.replace("asyncio.run(main())", "")
+    ns = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), ns)
+
+    async def check():
+        task = asyncio.ensure_future(ns["main"]())
+        for _ in range(100):
+            try:
+                r, w = await asyncio.open_connection("127.0.0.1", echo_port)
+                break
+            except OSError:
+                await asyncio.sleep(0.01)
+        w.write(b"hi\n")
+        assert await r.readline() == b"hi\n"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", web_port)
+        w2.write(b"\n")
+        assert await r2.readline() == b"2 channels\n"     # listener + echo
+        w.close()
+        for _ in range(100):
+            if len(asyncore.socket_map) == 1:
+                break
+            await asyncio.sleep(0.01)
+        asyncore.close_all()
+        await asyncio.wait_for(task, 5)         # serve() returned: map empty
+
+    try:
+        asyncio.run(check())
+    finally:
+        asyncore.close_all()
