@@ -306,6 +306,31 @@ def test_cancel_then_serve_resumes(aloop, amap):
     run(aloop, main())
 
 
+def test_suspended_listener_resumes_on_time(aloop, amap):
+    # The accept back-off (EMFILE) suspends a listener: serve() stops
+    # watching it and a timer resumes it, with no event to wake it.
+    accepted = []
+    srv = Server(lambda sock, m: (accepted.append(time.monotonic()), sock.close()), amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        _loop.suspend(srv, 0.3)
+        cli = socket.create_connection(("127.0.0.1", srv.port))
+        await asyncio.sleep(0.15)
+        assert accepted == []
+        for _ in range(200):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted and 0.25 <= accepted[0] - t0 < 1.0
+        cli.close()
+        task.cancel()
+
+    run(aloop, main())
+
+
 def test_exitnow_ends_serve(aloop, amap):
     a, b = socket.socketpair()
 

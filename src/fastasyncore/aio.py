@@ -277,13 +277,21 @@ class _Bridge:
 
         self.scheduled stays set while it runs: what handlers change is
         seen by this batch's prepare(), not by another batch.  A batch
-        whose reports all proved stale dispatches nothing and, unless
-        woken, skips prepare(): nothing changed since the last one."""
+        woken by a change made outside a batch prepares before it
+        dispatches too.  A batch whose reports all proved stale dispatches
+        nothing and, unless woken, skips prepare(): nothing changed since
+        the last one."""
         if self.done.done():
             self.scheduled = False
             return                  # cancelled or finished: no handler runs
         st, map = self.st, self.map
         try:
+            if map and (self.forced or st.pending):
+                # Changed outside a batch (another task): first bring the
+                # interest up to date, so that the confirming poll and the
+                # dispatch see it, as loop() prepares before it waits.
+                self.prepare()
+                self.forced = False
             events = None
             if self.ready or self.faults or self.always or self.wpend:
                 events = self._confirmed()
