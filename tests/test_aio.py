@@ -207,6 +207,37 @@ def test_async_chat_lines(aloop, amap):
     run(aloop, main())
 
 
+def test_confirming_with_select_where_there_is_no_poll(aloop, amap, monkeypatch):
+    monkeypatch.setattr(aio, "_select_poll", None)      # as on Windows
+    srv = Server(DocsEcho, amap)
+
+    async def main():
+        task = asyncio.ensure_future(aio.serve(amap))
+        await _echo_clients(srv.port, 3, 10)
+        srv.close()
+        await task
+
+    run(aloop, main())
+
+
+def test_select_now_reports_like_poll():
+    IN, OUT, NVAL = _loop.POLLIN, _loop.POLLOUT, _loop.POLLNVAL
+    a, b = socket.socketpair()
+    c = socket.socket()
+    closed = c.fileno()
+    c.close()
+    try:
+        assert aio._select_now({}) == []
+        assert aio._select_now({a.fileno(): IN | OUT}) == [(a.fileno(), OUT)]
+        b.send(b"x")
+        assert aio._select_now({a.fileno(): IN}) == [(a.fileno(), IN)]
+        got = sorted(aio._select_now({a.fileno(): IN | OUT, closed: IN}))
+        assert got == sorted([(a.fileno(), IN | OUT), (closed, NVAL)])
+    finally:
+        a.close()
+        b.close()
+
+
 def test_asyncore_client_against_asyncio_server(aloop, amap):
     got = []
 

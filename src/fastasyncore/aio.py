@@ -69,6 +69,34 @@ _NEVER = 1 << 62        # st.adapt_at while bridged: the wait mode is ours
 _ALWAYS = frozenset({errno.EPERM, errno.EBADF})
 
 
+_select_poll = getattr(select, "poll", None)
+
+
+def _select_now(want: Dict[int, int]) -> List[Tuple[int, int]]:
+    """A zero-timeout poll(2) over ``want`` (fd -> interest) made of
+    select(), where there is no poll() (Windows): (fd, revents) pairs, a
+    closed fd as POLLNVAL."""
+    if not want:
+        return []
+    rl = [fd for fd, m in want.items() if m & _loop.POLLIN]
+    wl = [fd for fd, m in want.items() if m & _loop.POLLOUT]
+    xl = [fd for fd, m in want.items() if m & _loop.POLLPRI]
+    try:
+        r, w, x = select.select(rl, wl, xl, 0)
+    except (OSError, ValueError):
+        if len(want) == 1:
+            return [(fd, _loop.POLLNVAL) for fd in want]
+        out: List[Tuple[int, int]] = []
+        for fd, m in want.items():
+            out += _select_now({fd: m})
+        return out
+    bits: Dict[int, int] = {}
+    for fds, bit in ((r, _loop.POLLIN), (w, _loop.POLLOUT), (x, _loop.POLLPRI)):
+        for fd in fds:
+            bits[fd] = bits.get(fd, 0) | bit
+    return list(bits.items())
+
+
 class _Serving:
     """st.thread while a map is served: loop() on it raises busy_message."""
 
@@ -246,14 +274,17 @@ class _Bridge:
             self.wpend = set()
         self.ready = {}
         mask = self.st.mask
-        p = select.poll()
-        n = 0
-        for fd in ready:
-            m = mask.get(fd)
-            if m:
-                p.register(fd, m)
-                n += 1
-        events = p.poll(0) if n else []
+        if _select_poll is not None:
+            p = _select_poll()
+            n = 0
+            for fd in ready:
+                m = mask.get(fd)
+                if m:
+                    p.register(fd, m)
+                    n += 1
+            events = p.poll(0) if n else []
+        else:
+            events = _select_now({fd: mask[fd] for fd in ready if mask.get(fd)})
         if wpend:
             # Writable now: dispatched, and polled again by the next batch
             # while it wants POLLOUT.  Not writable: an asyncio writer waits.
