@@ -384,6 +384,48 @@ def test_exitnow_ends_serve(aloop, amap):
     b.close()
 
 
+_KBI_CHILD = r"""
+import asyncio, socket, sys
+from fastasyncore import asyncore, aio, _loop
+m = {}
+a, b = socket.socketpair()
+class P(asyncore.dispatcher):
+    def writable(self): return False
+    def handle_read(self):
+        self.recv(10)
+        raise KeyboardInterrupt
+P(a, map=m)
+async def main():
+    t = asyncio.ensure_future(aio.serve(m))
+    await asyncio.sleep(0.02)
+    b.send(b"x")
+    await t
+if sys.argv[1] == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+else:
+    loop = asyncio.new_event_loop()
+try:
+    loop.run_until_complete(main())
+except KeyboardInterrupt:
+    print("KBI", len(m), _loop._states[id(m)].thread is None, _loop._wakers == {})
+"""
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_keyboardinterrupt_from_handler_ends_serve(kind, backend):
+    # In a child: a KeyboardInterrupt through the test's own process would
+    # disturb pytest.
+    import subprocess
+    from _subproc import subprocess_env
+    if kind == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed")
+    proc = subprocess.run([sys.executable, "-c", _KBI_CHILD, kind], capture_output=True,
+                          text=True, timeout=60,
+                          env=subprocess_env(FASTASYNCORE_BACKEND=backend.NAME))
+    assert proc.stdout.split() == ["KBI", "1", "True", "True"], proc.stderr
+
+
 def test_handler_error_routed_like_loop(aloop, amap):
     a, b = socket.socketpair()
     seen = []
