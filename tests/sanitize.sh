@@ -66,7 +66,13 @@ build_core() {  # build_core DIR CFLAGS LDFLAGS: _core and _cloop, into DIR/fast
     cp -r "$ROOT/src/fastasyncore" "$dir/fastasyncore"
     # An in-tree (editable) build leaves uninstrumented modules in src/.
     rm -f "$dir"/fastasyncore/_core*.so "$dir"/fastasyncore/_cloop*.so
-    (cd "$ROOT" && FASTASYNCORE_CFLAGS="$2" FASTASYNCORE_LDFLAGS="$3" \
+    # Built from a private copy of the sources: CI runs this beside other
+    # installs and test suites working in the same tree, and a build there
+    # once left us a module without the flags asked for here.
+    mkdir -p "$dir/srccopy"
+    (cd "$ROOT" && tar --exclude=./build --exclude='*.so' --exclude='*.egg-info' \
+        -cf - setup.py build.py pyproject.toml README.md MANIFEST.in csrc src) | tar -C "$dir/srccopy" -xf -
+    (cd "$dir/srccopy" && FASTASYNCORE_CFLAGS="$2" FASTASYNCORE_LDFLAGS="$3" \
         FASTASYNCORE_REQUIRE_CORE=1 "$PY" setup.py -q build_ext --force \
         --build-lib "$dir/lib" --build-temp "$dir/tmp" >"$dir/build.log" 2>&1) || {
         cat "$dir/build.log"; echo "sanitize.sh: core build failed" >&2; exit 1; }

@@ -43,6 +43,7 @@ __all__ = [
     "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
     "bound_is", "reclassify", "INHERITED", "LOOP_VALID", "c_run",
     "loop_impl", "set_loop", "run", "attach_services", "ready_now", "wakeup",
+    "set_waker", "note_services",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -164,6 +165,8 @@ def reclassify(obj: Any) -> None:
     if st is not None and fd is not None:
         st.reclass.add(fd)
         st.pending.add(fd)
+        if _wakers:
+            _wake(st)
 
 
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
@@ -797,6 +800,8 @@ def touch(obj: Any) -> None:
         fd = obj._fileno
         if fd is not None:
             st.pending.add(fd)
+            if _wakers:
+                _wake(st)
 
 
 def suspend(obj: Any, seconds: float) -> None:
@@ -809,12 +814,16 @@ def suspend(obj: Any, seconds: float) -> None:
     if st is not None and fd is not None:
         st.suspended[fd] = time.monotonic() + seconds
         st.pending.add(fd)
+        if _wakers:
+            _wake(st)
 
 
 def note_added(map: Dict[Any, Any], fd: Any) -> None:
     st = _states.get(id(map))
     if st is not None and st.map is map:
         st.pending.add(fd)
+        if _wakers:
+            _wake(st)
 
 
 def note_removed(map: Dict[Any, Any], fd: Any) -> None:
@@ -825,6 +834,8 @@ def note_removed(map: Dict[Any, Any], fd: Any) -> None:
         st.pending.discard(fd)
         if not map and st.thread is None:
             forget_map(map)
+        if _wakers:
+            _wake(st)
 
 
 def forget_map(map: Dict[Any, Any]) -> None:
@@ -1041,8 +1052,7 @@ def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) 
     me = threading.get_ident()
     outer = st.thread
     if outer is not None and outer != me:
-        raise RuntimeError("the same socket map is being polled from two threads "
-                           "at once; asyncore maps are not thread-safe")
+        raise RuntimeError(_busy_message(outer))
     st.thread = me
     try:
         _poll_once(st, map, timeout, select_mode)
@@ -1050,6 +1060,50 @@ def poll_once(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool) 
         st.thread = outer
         if outer is None and not map:
             forget_map(map)
+
+
+def _busy_message(holder: Any) -> str:
+    """Why poll_once() refuses a map whose state ``holder`` (st.thread) holds:
+    another thread's loop, or a foreign event loop (fastasyncore.aio) that
+    says so itself."""
+    msg = getattr(holder, "busy_message", None)
+    if msg is not None:
+        return str(msg)
+    return ("the same socket map is being polled from two threads "
+            "at once; asyncore maps are not thread-safe")
+
+
+# ---------------------------------------------------------------------------
+# Foreign event loops (fastasyncore.aio.serve()).  A map they drive can get
+# work from outside their dispatch -- a channel added or an interest changed
+# by another task -- which the loops above only see at their next iteration.
+# touch(), suspend(), reclassify(), note_added() and note_removed() call the
+# driver's waker, so that it reconciles soon instead of at its next timer.
+
+#: id(MapState) -> callable(): the waker of the foreign loop driving that state
+_wakers: Dict[int, Any] = {}
+
+
+def set_waker(st: MapState, waker: Optional[Any]) -> None:
+    """Install (or, with None, remove) the waker of a foreign loop driving st."""
+    if waker is None:
+        _wakers.pop(id(st), None)
+    else:
+        _wakers[id(st)] = waker
+
+
+def note_services(map: Any) -> None:
+    """The map's Services got an earlier deadline or work from outside an
+    iteration: a map served on asyncio (aio.py) arms its bridge for it."""
+    st = _states.get(id(map))
+    if st is not None and st.map is map:
+        _wake(st)
+
+
+def _wake(st: MapState) -> None:
+    w = _wakers.get(id(st))
+    if w is not None:
+        w()
 
 
 _DONE = -2   # _prepare(): the iteration is over (it slept: nothing to wait on)

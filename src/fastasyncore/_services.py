@@ -24,6 +24,7 @@ import heapq
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -200,6 +201,7 @@ class Services:
         heapq.heappush(self.heap, (when, seq, timer))
         if when < self.due[0]:
             self.due[0] = when
+            _note(self.map)
 
     def _set_due(self) -> None:
         heap = self.heap
@@ -282,6 +284,13 @@ class Services:
             self._set_due()
             _call(timer._callback, timer._args)
         self._set_due()
+
+
+def _note(map: Any) -> None:
+    # A map served on asyncio (aio.py) arms its bridge for the new deadline.
+    _loop = sys.modules["fastasyncore._loop"]
+    if _loop._wakers:
+        _loop.note_services(map)
 
 
 def _call(cb: Callable[..., Any], args: Tuple[Any, ...]) -> None:
