@@ -527,6 +527,10 @@ def script_is_simple(script):
             return False
         if sum(op[0] == "add" for op in step["ops"]) > 1:
             return False         # new channels ready together: order is the poller's
+        if step["iters"] < 2 and any(op[0] == "add" for op in step["ops"]):
+            # the new channel's first data is read by a later step's
+            # iteration, where the step's target may be ready too
+            return False
     return True
 
 
