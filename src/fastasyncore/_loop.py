@@ -272,7 +272,7 @@ class MapState:
         self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last masks (_consult_vec)
         self.cvec_on = True                   # use cvec (see consult())
         self.full = True                      # reconcile every fd of the map
-        self.thread: Optional[int] = None     # thread inside poll_once, if any
+        self.thread: Any = None     # thread inside poll_once (an int), or aio._SERVING
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
         # Interest changes of fds the poller already validated, handed over
         # in one update() call before the wait (one call per iteration).

@@ -716,10 +716,12 @@ def compact_traceback():
 # the due timers in deadline order.  loop() still ends when the map is empty:
 # pending timers do not keep it running.  See _services.py.
 
+from typing import Any, Callable, Optional, Tuple   # noqa: E402
+
 from ._services import Timer          # noqa: E402
 
 
-def _services_map(map):
+def _services_map(map: "Optional[_MutableMapping[Any, Any]]") -> "_MutableMapping[Any, Any]":
     if map is None:
         map = socket_map
     elif not isinstance(map, _MutableMapping):
@@ -728,13 +730,16 @@ def _services_map(map):
     return map
 
 
-def _schedule(when, delay, interval, callback, args, map):
+def _schedule(when: float, delay: float, interval: Optional[float],
+              callback: Callable[..., Any], args: Tuple[Any, ...],
+              map: "_MutableMapping[Any, Any]") -> Timer:
     timer = Timer(when, delay, interval, callback, args, map)
     _loop._services.services_for(map).push(timer, when)
     return timer
 
 
-def call_later(delay, callback, *args, map=None):
+def call_later(delay: float, callback: Callable[..., Any], *args: Any,
+               map: "Optional[_MutableMapping[Any, Any]]" = None) -> Timer:
     """Run ``callback(*args)`` once, ``delay`` seconds from now (>= 0), in the
     thread running the loop on ``map`` (default ``socket_map``).  For the
     loop's own thread; from other threads use call_soon_threadsafe().
@@ -745,7 +750,8 @@ def call_later(delay, callback, *args, map=None):
     return _schedule(_monotonic() + d, d, None, callback, args, map)
 
 
-def call_at(when, callback, *args, map=None):
+def call_at(when: float, callback: Callable[..., Any], *args: Any,
+            map: "Optional[_MutableMapping[Any, Any]]" = None) -> Timer:
     """Run ``callback(*args)`` once at ``when`` (on ``time.monotonic()``).
     For the loop's own thread; from other threads use call_soon_threadsafe()."""
     _check_callback(callback)
@@ -758,7 +764,8 @@ def call_at(when, callback, *args, map=None):
     return _schedule(float(when), d, None, callback, args, map)
 
 
-def call_every(interval, callback, *args, map=None):
+def call_every(interval: float, callback: Callable[..., Any], *args: Any,
+               map: "Optional[_MutableMapping[Any, Any]]" = None) -> Timer:
     """Run ``callback(*args)`` every ``interval`` seconds (> 0), the first
     time ``interval`` after this call, on a fixed rate: never early, no
     drift accumulating, runs missed while the loop was busy skipped (not
@@ -772,7 +779,8 @@ def call_every(interval, callback, *args, map=None):
     return _schedule(_monotonic() + iv, iv, iv, callback, args, map)
 
 
-def call_soon_threadsafe(callback, *args, map=None):
+def call_soon_threadsafe(callback: Callable[..., Any], *args: Any,
+                         map: "Optional[_MutableMapping[Any, Any]]" = None) -> None:
     """From any thread: run ``callback(*args)`` in the thread running the
     loop on ``map`` at its next iteration (a blocked wait returns at once)."""
     _check_callback(callback)
@@ -781,7 +789,7 @@ def call_soon_threadsafe(callback, *args, map=None):
     _loop.wakeup(map)
 
 
-def wakeup(map=None):
+def wakeup(map: "Optional[_MutableMapping[Any, Any]]" = None) -> None:
     """From any thread: make the current (or next) wait of ``map`` return."""
     map = _services_map(map)
     _loop._services.services_for(map)   # the loop then drains the wake-up fd
