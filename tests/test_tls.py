@@ -350,6 +350,68 @@ def test_starttls_mid_stream(backend, use_poll, certs, server, fast_fd_calls):
     asyncore.close_all(m)
 
 
+class LateMarker(TLSMixin, asynchat.async_chat):
+    """A STARTTLS server whose end-of-plain marker is still queued."""
+
+    def __init__(self, sock, m):
+        super().__init__(sock, map=m)
+        self.set_terminator(b"\r\n")
+        self.buf = []
+        self.established = 0
+        self.error = None
+
+    def collect_incoming_data(self, data):
+        self.buf.append(data)
+
+    def found_terminator(self):
+        self.buf = []
+        self.push(b"PONG\r\n")
+
+    def handle_tls_established(self):
+        self.established += 1
+
+    def handle_error(self):
+        import sys
+        self.error = sys.exc_info()[1]
+        self.close()
+
+
+def test_starttls_client_hello_before_the_marker_is_reached(backend, use_poll, certs):
+    # The plain reply has left, async_chat has not reached the end-of-plain
+    # marker yet (that takes a write event), and the peer's ClientHello is
+    # already there: the next read event is TLS, not a plain read of it.
+    # (Hit under load in CI: the read comes before the write in an iteration.)
+    import select
+    m = {}
+    a, b = socket.socketpair()
+    ch = LateMarker(a, m)
+    # the state a write event leaves when its send took exactly the plain
+    # reply: the reply gone, the marker next in the queue
+    ch.producer_fifo.append(b"220 go ahead\r\n")
+    ch.start_tls(certs[0], server_side=True)
+    a.sendall(ch.producer_fifo.popleft())
+    assert len(ch.producer_fifo) == 1
+    assert type(ch.producer_fifo[0]).__name__ == "_EndOfPlain"
+
+    def client():
+        b.settimeout(10)
+        assert recv_exactly(b, 14) == b"220 go ahead\r\n"
+        with certs[1].wrap_socket(b, server_hostname="localhost") as s:
+            f = s.makefile("rwb")
+            f.write(b"PING\r\n")
+            f.flush()
+            return f.readline()
+
+    peer = Thread(client)
+    peer.start()
+    assert select.select([a], [], [], 5)[0]     # the ClientHello is waiting
+    time.sleep(0.05)
+    run_until(m, lambda: not peer.is_alive(), use_poll)
+    assert peer.join() == b"PONG\r\n"
+    assert ch.error is None and ch.established == 1
+    asyncore.close_all(m)
+
+
 def test_failed_handshakes_beside_a_good_client(backend, use_poll, certs):
     def untrusting():
         with pytest.raises(ssl.SSLCertVerificationError):

@@ -146,6 +146,8 @@ class TLSMixin:
 
     def handle_read_event(self) -> None:
         t = self._fa_tls
+        if t is not None and t.phase == PLAIN:
+            self._tls_plain_sent(t)
         if t is None or t.phase == PLAIN or self.accepting:  # type: ignore[attr-defined]
             super().handle_read_event()       # type: ignore[misc]
             return
@@ -162,6 +164,17 @@ class TLSMixin:
             self.handle_write_event()
         if t.buffered():
             self._tls_ready_now()
+
+    def _tls_plain_sent(self, t: TLSSocket) -> None:
+        # async_chat reaches the end-of-plain marker only at its next write
+        # event; when all the plain output before it has left, a read event
+        # may already carry the peer's first TLS record (it answered our
+        # plain reply, e.g. "220 Ready to start TLS"): TLS from here on, not
+        # a plain read of the ClientHello.
+        fifo = getattr(self, "producer_fifo", None)
+        if fifo and isinstance(fifo[0], _EndOfPlain):
+            fifo.popleft()
+            t.end_plain()
 
     def _tls_mapped(self) -> bool:
         fd = self._fileno                     # type: ignore[attr-defined]
