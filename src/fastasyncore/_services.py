@@ -8,8 +8,10 @@ that it costs nothing to programs that do not use it:
   ``id(map)``; it outlives the map's MapState, which is dropped whenever the
   map empties): a heap of timers, a FIFO of thread-safe calls and the
   channels whose input is buffered above the kernel (``ready_now``).  A
-  MapState points at its map's Services (``st.svc``); the loops call
-  ``before_wait()`` and ``run()`` around each wait only when it is set.
+  MapState points at its map's Services (``st.svc``); only when it is set do
+  the loops look at it around each wait: the next deadline (``due``) shortens
+  the wait (``timeout_ms()``, inline in both loops), and ``_loop._svc_run()``
+  runs what is waiting or due after the iteration's I/O.
 * :class:`Waker` -- one per MapState, created with it: an eventfd (a
   non-blocking pipe where there is none) that the wait always watches, so a
   ``wakeup()`` from another thread reaches a wait that already started.  It
