@@ -87,13 +87,16 @@ build_core() {  # build_core DIR CFLAGS LDFLAGS: _core and _cloop, into DIR/fast
 }
 
 check_instrumented() {  # check_instrumented DIR asan|debug: the built modules are the flagged ones
-    local so
+    local so syms
     for so in "$1"/fastasyncore/_core*.so "$1"/fastasyncore/_cloop*.so; do
+        # (the tool's output is read whole first: `tool | grep -q` under
+        # pipefail fails at random when grep exits early and the tool gets
+        # SIGPIPE -- CI saw "has no debug info" for a module that had it)
         case $2 in
-        asan) nm -D --undefined-only "$so" | grep -q '__asan_report' \
-                && nm -D --undefined-only "$so" | grep -q '__ubsan_handle' \
+        asan) syms="$(nm -D --undefined-only "$so")"
+              grep -q '__asan_report' <<<"$syms" && grep -q '__ubsan_handle' <<<"$syms" \
                 || { echo "sanitize.sh: $so is not built with ASan+UBSan" >&2; exit 1; };;
-        debug) readelf -S "$so" | grep -q '\.debug_info' \
+        debug) grep -q '\.debug_info' <<<"$(readelf -S "$so")" \
                 || { echo "sanitize.sh: $so has no debug info" >&2; exit 1; };;
         esac
     done
