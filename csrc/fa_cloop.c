@@ -1099,7 +1099,12 @@ static int
 wait_stateless(loopst *c, long ms, evbuf *b)
 {
     Py_ssize_t n = PyDict_Size(c->mask), pos = 0, k = 0;
-    Py_ssize_t need = n + (c->wakefd >= 0);
+    /* The wake-up fd only in a wait that can block: one more pollfd costs
+     * ~40 ns per poll(2) (measured: a spinning channel 0.675 -> 0.711 us per
+     * iteration), and a wait that does not block needs no waking; the fd,
+     * left readable, is drained by the next blocking wait. */
+    int watch_wake = c->wakefd >= 0 && ms != 0;
+    Py_ssize_t need = n + watch_wake;
     int local[2 * LOCAL_PAIRS], *fds = local, tmo, r, rc = -1;
     PyObject *key, *val;
     double deadline = 0.0;
@@ -1124,7 +1129,7 @@ wait_stateless(loopst *c, long ms, evbuf *b)
         fds[2 * k + 1] = (int)e;
         k++;
     }
-    if (c->wakefd >= 0) {       /* never in the mask: _adopt refuses it */
+    if (watch_wake) {           /* never in the mask: _adopt refuses it */
         fds[2 * k] = c->wakefd;
         fds[2 * k + 1] = FA_POLLIN;
         k++;

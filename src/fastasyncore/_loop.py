@@ -1288,6 +1288,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     ms = None                   # _timeout_ms(), computed once when needed
     nit = nev = room = 0
     owner = mask = pending = consulted = batch = None
+    wakefd = -1
     extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
     w_only = extra | POLLOUT
     gen = -1
@@ -1319,6 +1320,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     pending = st.pending
                     consulted = st.consulted
                     batch = st.batch
+                    wakefd = st.wakefd
                     room = st.adapt_at - st.iters - 1
                     if st.spoll is not None and st.sreg != mask:
                         st.spoll = st.sreg = None       # stale: rebuilt at the wait
@@ -1436,7 +1438,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             # -- dispatch of the one event (the common case of a busy small
             # map): _dispatch() inline, one handler for POLLIN / POLLOUT
             fd, ev = events[0]
-            if fd == st.wakefd:
+            if fd == wakefd:
                 st._woken()
                 svc = st.svc        # (made by the thread that woke us?)
                 if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
