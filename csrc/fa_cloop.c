@@ -38,6 +38,7 @@
 #include <time.h>
 
 #include "fastasyncore.h"
+#include "fa_chanio.h"
 
 typedef int (*fa_wait_fn)(fa_poller *, const int *, size_t, int, int *,
                           size_t, size_t *);
@@ -1750,6 +1751,12 @@ static PyMethodDef cloop_methods[] = {
      "classes registered: run() looks its state up again."},
     {"run", cloop_run, METH_VARARGS, run_doc},
     {"configure", cloop_configure, METH_VARARGS, configure_doc},
+    {"chan_methods", fa_chan_methods, METH_VARARGS,
+     "chan_methods(...) -> (dispatcher.send, dispatcher.recv, "
+     "dispatcher_with_send.send) in C (csrc/fa_chanio.c)"},
+    {"chan_io", fa_chan_io, METH_O,
+     "chan_io(on) -> None\n\nThe C channel methods' fast paths on (cffi "
+     "backend) or off (they call the Python methods)."},
     {NULL, NULL, 0, NULL}
 };
 

@@ -11,6 +11,7 @@ the package only ever talks to :data:`current`.
 """
 
 import os
+import sys
 from types import ModuleType
 
 __all__ = ["VALID", "BACKEND", "current", "load", "set_backend"]
@@ -54,4 +55,9 @@ def set_backend(name: str) -> ModuleType:
     _loop.forget_all()
     current = mod
     BACKEND = mod.NAME
+    # asyncore's C channel methods (csrc/fa_chanio.c), where installed: their
+    # fast paths only on the C backend; on pure they call the Python methods
+    cloop = sys.modules.get(__package__ + "._cloop")
+    if cloop is not None and hasattr(cloop, "chan_io"):
+        cloop.chan_io(mod.NAME == "cffi")
     return mod

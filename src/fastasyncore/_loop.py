@@ -32,7 +32,7 @@ from operator import ne as _ne
 import os
 import threading
 import time
-from types import MethodType as _MethodType
+from types import BuiltinMethodType as _BuiltinMethodType, MethodType as _MethodType
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import _backend, _services
@@ -143,7 +143,14 @@ def bound_is(obj: Any, name: str, func: Any) -> bool:
     writable() calls: 266 -> 365 us).
     """
     m = getattr(obj, name, None)
-    return type(m) is _MethodType and m.__func__ is func and m.__self__ is obj
+    t = type(m)
+    if t is _MethodType:
+        return m.__func__ is func and m.__self__ is obj
+    # a C method (asyncore's send/recv on the cffi backend, csrc/fa_chanio.c)
+    # binds to a builtin method, which has no __func__: the class's attribute
+    # is func and the instance's is a method of that name bound to obj
+    return t is _BuiltinMethodType and m.__self__ is obj \
+        and getattr(type(obj), name, None) is func and m.__name__ == func.__name__
 
 
 def _instance_overrides(obj: Any, name: str) -> bool:

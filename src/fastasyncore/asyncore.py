@@ -683,6 +683,66 @@ _loop.register_managed(dispatcher_with_send, c_mask='dispatcher_with_send')
 _DWS_INITIATE_SEND = dispatcher_with_send.initiate_send
 
 # ---------------------------------------------------------------------------
+# dispatcher.send/recv and dispatcher_with_send.send in C (csrc/fa_chanio.c),
+# on the cffi backend.  The methods above stay the reference: the C ones run
+# their fast path only where its outcome is data moved on a plain
+# non-blocking socket and call them for everything else.  What follows a
+# syscall other than data moved happens here, in functions whose code is
+# named like the method, so that compact_traceback() shows the same frame.
+# ---------------------------------------------------------------------------
+
+
+def recv(self, err):
+    # dispatcher.recv after its socket.recv(): EOF (err 0) or an error
+    if not err or err in _DISCONNECTED:
+        self.handle_close()
+        return b''
+    raise OSError(err, _strerror(err))
+
+
+def send(self, err):
+    # dispatcher.send's except clause (EWOULDBLOCK never comes here)
+    if err in _DISCONNECTED:
+        self.handle_close()
+        return 0
+    raise OSError(err, _strerror(err))
+
+
+_recv_tail, _send_tail = recv, send
+del recv, send
+
+
+def _dws_rest(self, q, data, num_sent):
+    # dispatcher_with_send.send: what its first dispatcher.send left
+    q.push(memoryview(data)[num_sent:])
+    _touch(self)
+
+
+def _install_c_methods():
+    """Put the C methods on the classes (cffi backend, _cloop built);
+    _backend.set_backend() turns their fast paths off and on."""
+    if _backend.current.NAME != "cffi":
+        return False
+    try:
+        from . import _cloop
+    except ImportError:
+        return False
+    make = getattr(_cloop, "chan_methods", None)
+    if make is None:
+        return False
+    d_send, d_recv, w_send = make(
+        _SOCKET_TYPE, _MethodType, dispatcher.send, dispatcher.recv,
+        dispatcher_with_send.send, _send_tail, _recv_tail, _dws_rest,
+        dispatcher, _DWS_INITIATE_SEND, _MSG_NOSIGNAL)
+    dispatcher.send = d_send
+    dispatcher.recv = d_recv
+    dispatcher_with_send.send = w_send
+    return True
+
+
+_C_METHODS = _install_c_methods()
+
+# ---------------------------------------------------------------------------
 # used for debugging.
 # ---------------------------------------------------------------------------
 
