@@ -50,16 +50,26 @@
 #define METH_FASTCALL 0x0080
 #endif
 
-/* recv(n) for n up to this goes through one GIL-guarded buffer, then into a
- * bytes of the exact size (socket.recv mallocs n, then shrinks: for the
- * usual recv(8192) of a short message that malloc/realloc costs more than
- * the copy).  Larger n keep socket.recv's own path (no extra copy of bulk
- * data). */
-#define RBUF 8192
+/* recv(n), n up to RBUF (larger n: the Python method).  socket.recv
+ * mallocs n bytes, receives, then shrinks the bytes (_PyBytes_Resize, not in
+ * the limited API).  For the usual recv(8192) or recv(65536) of a short
+ * message that malloc/realloc/free of 8-64 KiB costs more than everything
+ * else in the call: d.recv(65536) of 64 bytes was 300 ns dearer than
+ * receiving into one GIL-guarded buffer and copying out the exact size.
+ * For bulk data the copy is the dearer part (64 KiB: +9% of the recv), and
+ * asking the kernel first (FIONREAD) cost as much as it saved.  So the fd's
+ * last read decides: after a read of more than RSMALL bytes the next recv
+ * with n > RSMALL calls socket.recv (its malloc-and-shrink path, without
+ * the Python frame); after a shorter one, the buffer.  A wrong guess costs
+ * one copy or one malloc.  Either way one recv(2) of n bytes, as
+ * socket.recv makes. */
+#define RSMALL 8192
+#define RBUF 65536
+#define HINTS 65536                 /* fds with a bulk hint (others: none) */
 
 static struct {
     PyObject *socket, *timeout, *fileno, *debug, *fa_out, *nbytes,
-        *initiate_send, *send, *func, *self_;
+        *initiate_send, *send, *recv, *func, *self_;
 } N;
 
 static int g_on;                    /* the cffi backend is active */
@@ -71,7 +81,25 @@ static PyObject *g_send_tail, *g_recv_tail, *g_wsend_rest;
 static PyObject *g_dispatcher, *g_dws_initiate;
 static PyObject *g_d_send;          /* our dispatcher.send descriptor */
 #ifndef Py_GIL_DISABLED
-static char g_rbuf[RBUF];
+static char g_rbuf[RBUF];     /* GIL-guarded (see RSMALL) */
+static unsigned char g_bulk[HINTS / 8];   /* fd's last read > RSMALL */
+
+static int
+bulk_get(int fd)
+{
+    return fd < HINTS && (g_bulk[fd >> 3] >> (fd & 7)) & 1;
+}
+
+static void
+bulk_set(int fd, int on)
+{
+    if (fd < HINTS) {
+        if (on)
+            g_bulk[fd >> 3] |= (unsigned char)(1u << (fd & 7));
+        else
+            g_bulk[fd >> 3] &= (unsigned char)~(1u << (fd & 7));
+    }
+}
 #endif
 
 /* The Python method, called as the C one was. */
@@ -104,16 +132,32 @@ out:
     return r;
 }
 
-/* The fd of self.socket when it is a plain, non-blocking socket.socket;
- * *sockp holds the socket (the caller releases it after the syscall).
- * -1: not eligible (no error set: any lookup error is left for the Python
- * method to raise from its own frame). */
+/* sock.timeout == 0.0?  1, 0 (no error set: errors count as "no"). */
 static int
-plain_fd(PyObject *self, PyObject **sockp)
+timeout_zero(PyObject *sock)
+{
+    PyObject *v = PyObject_GetAttr(sock, N.timeout);
+    int ok;
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    ok = PyFloat_Check(v) && PyFloat_AsDouble(v) == 0.0;
+    Py_DECREF(v);
+    return ok;
+}
+
+/* The fd of self.socket when it is a plain socket.socket (with timeout
+ * 0.0 unless any_timeout: the caller then makes a call that cannot block
+ * and looks at the timeout only when the kernel says it would have to
+ * wait); *sockp holds the socket (the caller releases it after the
+ * syscall).  -1: not eligible (no error set: any lookup error is left for
+ * the Python method to raise from its own frame). */
+static int
+plain_fd(PyObject *self, PyObject **sockp, int any_timeout)
 {
     PyObject *sock, *v;
     long fd;
-    int ok;
 
     if (!(sock = PyObject_GetAttr(self, N.socket))) {
         PyErr_Clear();
@@ -122,11 +166,7 @@ plain_fd(PyObject *self, PyObject **sockp)
     if ((PyObject *)Py_TYPE(sock) != g_sock_type)
         goto no;
     /* timeout 0.0: the fd is O_NONBLOCK, socket.send/recv make one call */
-    if (!(v = PyObject_GetAttr(sock, N.timeout)))
-        goto err;
-    ok = PyFloat_Check(v) && PyFloat_AsDouble(v) == 0.0;
-    Py_DECREF(v);
-    if (!ok)
+    if (!any_timeout && !timeout_zero(sock))
         goto no;
     if (!(v = PyObject_CallMethodObjArgs(sock, N.fileno, NULL)))
         goto err;
@@ -187,7 +227,7 @@ again:
     }
     if (len > cap)
         len = cap;
-    if ((fd = plain_fd(self, &sock)) < 0)
+    if ((fd = plain_fd(self, &sock, 0)) < 0)
         return 0;
     /* MSG_NOSIGNAL: a reset peer gives EPIPE, never SIGPIPE (as the Python
      * method passes it to socket.send) */
@@ -230,6 +270,31 @@ d_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
     return fallback(g_py_send, self, args, nargs, kwnames);
 }
 
+/* socket.recv raised: an OSError goes to the tail with its errno (which
+ * raises its equal from a frame named recv, or closes); others propagate. */
+static PyObject *
+sock_error(PyObject *self)
+{
+    PyObject *t, *v, *tb, *e;
+    long err;
+    if (!PyErr_ExceptionMatches(PyExc_OSError))
+        return NULL;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    e = v ? PyObject_GetAttrString(v, "errno") : NULL;
+    err = (e && PyLong_Check(e)) ? PyLong_AsLong(e) : -1;
+    Py_XDECREF(e);
+    if (err <= 0 || err > INT_MAX) {
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        return NULL;
+    }
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return tail(g_recv_tail, self, (int)err);
+}
+
 /* dispatcher.recv(self, buffer_size) */
 static PyObject *
 d_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -250,13 +315,39 @@ d_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
         return fallback(g_py_recv, self, args, nargs, kwnames);
     }
 again:
-    if ((fd = plain_fd(self, &sock)) < 0)
+    /* any timeout: MSG_DONTWAIT below never waits, and where data is
+     * queued a socket with a timeout (or a blocking one) returns the same
+     * bytes at once; only "would block" asks for the timeout (saves reading
+     * it, a float object, on every call that gets data) */
+    if ((fd = plain_fd(self, &sock, 1)) < 0)
         return fallback(g_py_recv, self, args, nargs, kwnames);
-    r = recv(fd, g_rbuf, (size_t)n, 0);
+    if (n > RSMALL && bulk_get(fd)) {
+        /* socket.recv's own malloc-and-shrink path, called from here */
+        PyObject *res = PyObject_CallMethodObjArgs(sock, N.recv, args[0], NULL);
+        Py_DECREF(sock);
+        if (res == NULL)
+            return sock_error(self);
+        if (!PyBytes_Check(res) || PyBytes_Size(res) <= RSMALL)
+            bulk_set(fd, 0);
+        if (PyBytes_Check(res) && PyBytes_Size(res) == 0) {
+            Py_DECREF(res);
+            return tail(g_recv_tail, self, 0);
+        }
+        return res;
+    }
+    r = recv(fd, g_rbuf, (size_t)n, MSG_DONTWAIT);
     err = errno;
+    if (r < 0 && (err == EWOULDBLOCK || err == EAGAIN) && !timeout_zero(sock)) {
+        /* socket.recv would wait (timeout or blocking): its own path */
+        Py_DECREF(sock);
+        return fallback(g_py_recv, self, args, nargs, kwnames);
+    }
     Py_DECREF(sock);
-    if (r > 0)
+    if (r > 0) {
+        if (r > RSMALL)
+            bulk_set(fd, 1);
         return PyBytes_FromStringAndSize(g_rbuf, (Py_ssize_t)r);
+    }
     if (r < 0 && err == EINTR) {
         if (PyErr_CheckSignals() < 0)
             return NULL;
@@ -422,6 +513,7 @@ fa_chan_methods(PyObject *module, PyObject *args)
     INTERN(nbytes, "nbytes");
     INTERN(initiate_send, "initiate_send");
     INTERN(send, "send");
+    INTERN(recv, "recv");
     INTERN(func, "__func__");
     INTERN(self_, "__self__");
     /* `object` as the descriptors' class: they accept any self, as the

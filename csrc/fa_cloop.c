@@ -1265,9 +1265,9 @@ ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
 static int
 consult(loopst *c, int select_mode)
 {
-    PyObject *snap, *cprev;
-    Py_ssize_t i, n;
-    int extra = select_mode ? FA_POLLPRI : 0, rc = -1;
+    PyObject *snap, *cprev, *p;
+    Py_ssize_t i, n, nstateless = 0;
+    int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless, s;
 
     if (!(snap = PyObject_GetAttr(c->st, S.csnap)))
         return -1;
@@ -1287,6 +1287,10 @@ consult(loopst *c, int select_mode)
     Py_DECREF(cprev);
     if (cprev != Py_None && PyObject_SetAttr(c->st, S.cprev, Py_None) < 0)
         goto out;
+    if (!(p = PyObject_GetAttr(c->st, S.poller)))
+        goto out;
+    Py_DECREF(p);                       /* compared with None only */
+    stateless = p == Py_None;
     n = PyTuple_Size(snap);
     for (i = 0; i < n; i++) {
         /* borrowed from snap, which we hold */
@@ -1319,7 +1323,12 @@ consult(loopst *c, int select_mode)
         if (cur && m) {
             PyObject *v = PyLong_FromLong(m);
             s = v ? PyDict_SetItem(c->mask, fd, v) : -1;
-            if (s == 0)
+            /* the batch is for a persistent poller; without one flush()
+             * only counts it (a change costs a dict insert less: the docs
+             * pattern changes two answers per message) */
+            if (s == 0 && stateless)
+                nstateless++;
+            else if (s == 0)
                 s = PyDict_SetItem(c->batch, fd, v);
             Py_XDECREF(v);
             if (s < 0)
@@ -1341,6 +1350,16 @@ consult(loopst *c, int select_mode)
                 goto out;
             Py_DECREF(r);
         }
+    }
+    if (nstateless) {                   /* flush()'s count of them */
+        long nchg;
+        PyObject *v;
+        if (attr_long(c->st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + nstateless)))
+            goto out;
+        s = PyObject_SetAttr(c->st, S.nchg, v);
+        Py_DECREF(v);
+        if (s < 0)
+            goto out;
     }
     rc = 0;
 out:

@@ -504,3 +504,79 @@ def test_fast_path_only_on_the_c_backend(backend):
     finally:
         ch.close()
         b.close()
+
+
+# ---------------------------------------------------------------- recv(n > 8192): the fd's last read decides the path
+
+
+def test_recv_big_then_small_then_eof(impl):
+    C = closer(impl)
+    ch, a, b = pair(impl, C)
+    try:
+        data = bytes(range(256)) * 200              # 51200 bytes
+        b.sendall(data)
+        got = b""
+        for _ in range(100):
+            if len(got) == len(data):
+                break
+            got += ch.recv(65536)
+        assert got == data
+        b.sendall(b"x")
+        assert ch.recv(65536) == b"x"
+        b.sendall(data)
+        got = b""
+        for _ in range(100):
+            if len(got) == len(data):
+                break
+            got += ch.recv(65536)
+        assert got == data
+        b.close()
+        assert ch.recv(65536) == b""
+        assert C.closes == 1
+    finally:
+        b.close()
+
+
+def test_recv_big_then_nothing_raises_blocking_from_recv(impl):
+    ch, a, b = pair(impl)
+    try:
+        b.sendall(b"y" * 30000)
+        got = b""
+        for _ in range(100):
+            if len(got) == 30000:
+                break
+            got += ch.recv(65536)
+        try:
+            ch.recv(65536)
+        except BlockingIOError as exc:
+            assert exc.errno == errno.EWOULDBLOCK
+            assert last_frame_name() == "recv"
+        else:
+            pytest.fail("no error")
+    finally:
+        ch.close()
+        b.close()
+
+
+def test_recv_big_then_reset_closes(impl):
+    C = closer(impl)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    b = socket.create_connection(srv.getsockname(), timeout=5)
+    a, _ = srv.accept()
+    srv.close()
+    ch = C(a, map={})
+    b.sendall(b"z" * 40000)
+    got = b""
+    for _ in range(1000):
+        if len(got) == 40000:
+            break
+        select.select([a], [], [], 1)
+        got += ch.recv(65536)
+    assert got == b"z" * 40000
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    b.close()
+    select.select([a], [], [], 5)
+    assert ch.recv(65536) == b""
+    assert C.closes == 1
