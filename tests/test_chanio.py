@@ -580,3 +580,27 @@ def test_recv_big_then_reset_closes(impl):
     select.select([a], [], [], 5)
     assert ch.recv(65536) == b""
     assert C.closes == 1
+
+
+def test_dws_write_event_with_nothing_queued_still_sends(impl):
+    # 3.11's initiate_send() sends out_buffer[:65536] even when it is empty:
+    # send(b'') to a closed peer fails with EPIPE -> handle_close()
+    C = closer(impl, impl.asyncore.dispatcher_with_send)
+    ch, a, b = pair(impl, C)
+    b.close()
+    ch.handle_write_event()
+    assert C.closes == 1
+
+
+def test_dws_write_event_with_nothing_queued_open_peer(impl):
+    C = closer(impl, impl.asyncore.dispatcher_with_send)
+    ch, a, b = pair(impl, C)
+    try:
+        ch.handle_write_event()
+        assert C.closes == 0
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(10)                  # nothing was sent
+    finally:
+        ch.close()
+        b.close()

@@ -622,7 +622,9 @@ class dispatcher_with_send(dispatcher):
     def initiate_send(self):
         out = self._fa_queue()
         fd = _fast_fd(self.socket)
-        if fd >= 0:
+        if fd >= 0 and out.nbytes:
+            # (an empty queue takes the path below: 3.11 sends b'' then,
+            # which reports a closed peer -- EPIPE -> handle_close())
             # dispatcher.send(self, out_buffer[:65536]) without the copy.
             result = out.send(fd, 65536)
             if result < 0:
