@@ -223,6 +223,7 @@ typedef struct {
     PyObject *svc_calls, *svc_ready, *svc_due;  /* its containers (kept) */
     int wakefd;
     int woke;
+    int busy;                     /* the last stateless wait found events */
 } loopst;
 
 static void
@@ -1138,6 +1139,29 @@ wait_stateless(loopst *c, long ms, evbuf *b)
     if (evbuf_reserve(b, k > LOCAL_PAIRS ? k : LOCAL_PAIRS) < 0)
         goto out;
     tmo = ms < 0 ? -1 : (ms > INT_MAX ? INT_MAX : (int)ms);
+    if (tmo != 0 && c->busy) {
+        /* A busy map (the last wait found events) most likely has events
+         * now: poll(2) with timeout 0 first.  With a timeout the kernel
+         * queues a wait entry on every fd it scans (__pollwait) and arms a
+         * timer, and the GIL is released around the call: ~270 ns of a
+         * 1-socketpair ping-pong's 3 us iteration (perf, 3.11).  Only when
+         * nothing is ready does the real wait follow: one syscall more, on
+         * a map that is about to sleep anyway.  The wake-up fd is not
+         * needed in a call that cannot block. */
+        if (c->ran_python) {                  /* see wait_cffi */
+            r = g_poll(fds, (size_t)(k - watch_wake), 0, b->pairs, (size_t)b->cap);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            r = g_poll(fds, (size_t)(k - watch_wake), 0, b->pairs, (size_t)b->cap);
+            Py_END_ALLOW_THREADS
+        }
+        if (r > 0) {
+            b->n = r;
+            rc = 0;
+            goto out;
+        }
+        /* nothing ready (or an error, which the wait below reports) */
+    }
     if (tmo > 0)
         deadline = monotonic() + tmo / 1000.0;
     for (;;) {
@@ -1168,6 +1192,7 @@ wait_stateless(loopst *c, long ms, evbuf *b)
         }
     }
     b->n = r;
+    c->busy = r > 0;
     rc = 0;
 out:
     if (fds != local)
