@@ -1300,6 +1300,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     w_only = extra | POLLOUT
     gen = -1
     svc = None                  # st.svc, read again when _states_gen moves
+    busy = False                # the last stateless wait found events
     try:
         while left and map:
             left -= 1
@@ -1428,7 +1429,15 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 sp = st.spoll
                 if sp is None:
                     sp = _spoll(st)
-                events = sp.poll(wms)
+                if busy and wms:
+                    # the last wait found events: most likely there are
+                    # some now, and a poll(2) without a timeout queues no
+                    # wait entries and arms no timer (fa_cloop.c,
+                    # wait_stateless); the real wait only when none are
+                    events = sp.poll(0) or sp.poll(wms)
+                else:
+                    events = sp.poll(wms)
+                busy = bool(events)
             else:
                 events = _backend.current.poll_list(mask, wms)
             if not events:
