@@ -224,6 +224,7 @@ typedef struct {
     int wakefd;
     int woke;
     int busy;                     /* the last stateless wait found events */
+    int skip, backoff;            /* timeout-0 tries skipped after a miss */
 } loopst;
 
 static void
@@ -1139,15 +1140,17 @@ wait_stateless(loopst *c, long ms, evbuf *b)
     if (evbuf_reserve(b, k > LOCAL_PAIRS ? k : LOCAL_PAIRS) < 0)
         goto out;
     tmo = ms < 0 ? -1 : (ms > INT_MAX ? INT_MAX : (int)ms);
-    if (tmo != 0 && c->busy) {
+    if (tmo != 0 && c->busy && --c->skip < 0) {
         /* A busy map (the last wait found events) most likely has events
          * now: poll(2) with timeout 0 first.  With a timeout the kernel
          * queues a wait entry on every fd it scans (__pollwait) and arms a
          * timer, and the GIL is released around the call: ~270 ns of a
-         * 1-socketpair ping-pong's 3 us iteration (perf, 3.11).  Only when
-         * nothing is ready does the real wait follow: one syscall more, on
-         * a map that is about to sleep anyway.  The wake-up fd is not
-         * needed in a call that cannot block. */
+         * 1-socketpair ping-pong's 3 us iteration (perf, 3.11).  When
+         * nothing is ready the real wait follows, one syscall more, and the
+         * next tries are skipped for 1, 2, 4 ... 64 waits: a server whose
+         * every wait sleeps for its one peer (W1_c1) stops paying for
+         * them.  The wake-up fd is not needed in a call that cannot
+         * block. */
         if (c->ran_python) {                  /* see wait_cffi */
             r = g_poll(fds, (size_t)(k - watch_wake), 0, b->pairs, (size_t)b->cap);
         } else {
@@ -1156,11 +1159,14 @@ wait_stateless(loopst *c, long ms, evbuf *b)
             Py_END_ALLOW_THREADS
         }
         if (r > 0) {
+            c->skip = c->backoff = 0;
             b->n = r;
             rc = 0;
             goto out;
         }
         /* nothing ready (or an error, which the wait below reports) */
+        c->backoff = c->backoff ? (c->backoff < 64 ? 2 * c->backoff : 64) : 1;
+        c->skip = c->backoff;
     }
     if (tmo > 0)
         deadline = monotonic() + tmo / 1000.0;

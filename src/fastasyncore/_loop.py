@@ -1301,6 +1301,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     gen = -1
     svc = None                  # st.svc, read again when _states_gen moves
     busy = False                # the last stateless wait found events
+    skip = backoff = 0          # timeout-0 tries skipped after a miss
     try:
         while left and map:
             left -= 1
@@ -1429,12 +1430,20 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 sp = st.spoll
                 if sp is None:
                     sp = _spoll(st)
-                if busy and wms:
+                skip -= 1
+                if busy and wms and skip < 0:
                     # the last wait found events: most likely there are
                     # some now, and a poll(2) without a timeout queues no
-                    # wait entries and arms no timer (fa_cloop.c,
-                    # wait_stateless); the real wait only when none are
-                    events = sp.poll(0) or sp.poll(wms)
+                    # wait entries and arms no timer; after a miss the next
+                    # 1, 2, 4 ... 64 tries are skipped (fa_cloop.c,
+                    # wait_stateless)
+                    events = sp.poll(0)
+                    if events:
+                        backoff = 0
+                    else:
+                        backoff = min(backoff * 2, 64) if backoff else 1
+                        skip = backoff
+                        events = sp.poll(wms)
                 else:
                     events = sp.poll(wms)
                 busy = bool(events)
