@@ -256,7 +256,7 @@ class MapState:
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
                  "spoll", "sreg", "disp", "dead", "faults", "svc", "wake",
-                 "wakefd", "__weakref__")
+                 "wakefd", "cchanged", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -278,6 +278,7 @@ class MapState:
         self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]] = None
         self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last masks (_consult_vec)
         self.cvec_on = True                   # use cvec (see consult())
+        self.cchanged = 0                     # answers the last vectorized pass changed
         self.full = True                      # reconcile every fd of the map
         self.thread: Any = None     # thread inside poll_once (an int), or aio._SERVING
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
@@ -591,7 +592,9 @@ class MapState:
         vec = self.cvec
         if vec is not None and not self.suspended:
             if self.cvec_on:
-                if self._consult_vec(vec, select_mode) * 4 > len(vec[1]):
+                # (cchanged: fa_cloop.c's consult() leaves this pass sooner)
+                self.cchanged = changed = self._consult_vec(vec, select_mode)
+                if changed * 4 > len(vec[1]):
                     self.cvec_on = False    # most answers flip: one by one is cheaper
                 return
             changed = self._consult_one(vec, select_mode)
