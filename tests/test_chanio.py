@@ -675,7 +675,10 @@ def test_c_methods_leak_nothing(backend):
         else:
             assert [sys.getrefcount(o) for o in keep][:3] == refs[:3]
         assert len(gc.get_objects()) - objs < 100
-        assert rss() - mem < 4 * 1024 * 1024
+        # (under ASan freed memory sits in its quarantine: RSS says nothing)
+        if "asan" not in os.environ.get("LD_PRELOAD", "") and \
+                os.environ.get("PYTHONMALLOC") != "malloc":
+            assert rss() - mem < 4 * 1024 * 1024
     finally:
         ch.close()
         b.close()

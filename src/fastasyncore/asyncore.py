@@ -721,9 +721,10 @@ def _dws_rest(self, q, data, num_sent):
 
 
 def _install_c_methods():
-    """Put the C methods on the classes (cffi backend, _cloop built);
-    _backend.set_backend() turns their fast paths off and on."""
-    if _backend.current.NAME != "cffi":
+    """Put the C methods on the classes (_cloop built, and the C core not
+    refused by FASTASYNCORE_BACKEND=pure); their fast paths run while the
+    cffi backend is active (_backend.set_backend() turns them off and on)."""
+    if os.environ.get("FASTASYNCORE_BACKEND", "auto").strip().lower() == "pure":
         return False
     try:
         from . import _cloop
@@ -739,6 +740,7 @@ def _install_c_methods():
     dispatcher.send = d_send
     dispatcher.recv = d_recv
     dispatcher_with_send.send = w_send
+    _cloop.chan_io(_backend.current.NAME == "cffi")
     return True
 
 
