@@ -1433,8 +1433,9 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 sp = st.spoll
                 if sp is None:
                     sp = _spoll(st)
-                skip -= 1
-                if busy and wms and skip < 0:
+                if not wms:
+                    events = sp.poll(0)
+                elif busy and skip <= 0:
                     # the last wait found events: most likely there are
                     # some now, and a poll(2) without a timeout queues no
                     # wait entries and arms no timer; after a miss the next
@@ -1447,9 +1448,11 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                         backoff = min(backoff * 2, 64) if backoff else 1
                         skip = backoff
                         events = sp.poll(wms)
+                        busy = bool(events)
                 else:
+                    skip -= 1
                     events = sp.poll(wms)
-                busy = bool(events)
+                    busy = bool(events)
             else:
                 events = _backend.current.poll_list(mask, wms)
             if not events:
