@@ -66,7 +66,7 @@ def cloop_extension() -> Extension:
     """
     return Extension(
         "fastasyncore._cloop", ["csrc/fa_cloop.c", "csrc/fa_chanio.c"],
-        include_dirs=["csrc"], depends=["csrc/fastasyncore.h", "csrc/fa_chanio.h"],
+        include_dirs=["csrc"], depends=["csrc/fastasyncore.h", "csrc/fa_chanio.h", "csrc/fa_pyutil.h"],
         py_limited_api=GIL,
         define_macros=[("Py_LIMITED_API", "0x03090000")] if GIL else [],
         extra_compile_args=["-fvisibility=hidden"] + _env_flags("FASTASYNCORE_CFLAGS"),

@@ -45,6 +45,7 @@
 #include <sys/socket.h>
 
 #include "fa_chanio.h"
+#include "fa_pyutil.h"
 
 #ifndef METH_FASTCALL
 #define METH_FASTCALL 0x0080
@@ -360,19 +361,6 @@ again:
 #endif
 }
 
-/* getattr(obj, name) is true?  1, 0, -1 (error set) */
-static int
-truth(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    int r;
-    if (v == NULL)
-        return -1;
-    r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
-
 /* dispatcher_with_send.send's test of its fast branch: self.initiate_send
  * is a bound method of ours on self (not replaced on the class or the
  * instance).  1, 0, -1 (error set). */
@@ -417,11 +405,11 @@ w_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
     data = args[0];
     /* the Python method's reads, in its order: debug, _fa_out, nbytes,
      * initiate_send, dispatcher.send */
-    if ((t = truth(self, N.debug)) != 0)
+    if ((t = attr_true(self, N.debug)) != 0)
         goto slow;
     if (!(q = PyObject_GetAttr(self, N.fa_out)))
         goto slow;
-    if (q == Py_None || (t = truth(q, N.nbytes)) != 0)
+    if (q == Py_None || (t = attr_true(q, N.nbytes)) != 0)
         goto slow_q;
     if ((t = own_initiate(self)) != 1)
         goto slow_q;
@@ -461,8 +449,7 @@ w_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
         return r;
     }
     Py_DECREF(q);
-    Py_INCREF(Py_None);
-    return Py_None;
+    return none_ref();
 slow_q:
     Py_DECREF(q);
 slow:
@@ -550,6 +537,5 @@ fa_chan_io(PyObject *module, PyObject *arg)
     if (on < 0)
         return NULL;
     g_on = on;
-    Py_INCREF(Py_None);
-    return Py_None;
+    return none_ref();
 }

@@ -39,6 +39,7 @@
 
 #include "fastasyncore.h"
 #include "fa_chanio.h"
+#include "fa_pyutil.h"
 
 typedef int (*fa_wait_fn)(fa_poller *, const int *, size_t, int, int *,
                           size_t, size_t *);
@@ -74,17 +75,6 @@ static unsigned long g_states_gen;
 
 /* ------------------------------------------------------------------------ */
 /* small helpers */
-
-/* A new reference to None.  Not Py_RETURN_NONE: the 3.12+ headers define it
- * as `return Py_None` (None is immortal there) even under Py_LIMITED_API,
- * so an abi3 module built by 3.12+ would drop a reference to None at every
- * call when run on 3.9-3.11, until None is freed ("none_dealloc"). */
-static PyObject *
-none_ref(void)
-{
-    Py_INCREF(Py_None);
-    return Py_None;
-}
 
 static PyObject *
 call0(PyObject *obj, PyObject *name)
@@ -525,18 +515,6 @@ out:
     return 0;
 }
 
-/* getattr(obj, name) is true?  1, 0, -1 */
-static int
-attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    int r;
-    if (v == NULL)
-        return -1;
-    r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
 
 /* Which of the library's _fa_mask functions a class has (_loop.C_MASKS):
  * 1..3, -2 none, -1 error.  Cached per class, as _loop._class_cache caches

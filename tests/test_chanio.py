@@ -54,6 +54,24 @@ def last_frame_name():
     return tb.tb_frame.f_code.co_name
 
 
+def tcp_pair(cls):
+    """(channel of cls, its socket, the peer) over TCP loopback (a
+    socketpair cannot be reset)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    b = socket.create_connection(srv.getsockname(), timeout=5)
+    a, _ = srv.accept()
+    srv.close()
+    return cls(a, map={}), a, b
+
+
+def reset(sock):
+    # SO_LINGER 0: close() sends RST; the peer's next recv fails with ECONNRESET
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def drain(sock, n, limit=2000):
     sock.settimeout(5)
     got = b""
@@ -112,16 +130,8 @@ def test_recv_zero_is_a_close(impl):
 
 def test_recv_reset_closes(impl):
     C = closer(impl)
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    b = socket.create_connection(srv.getsockname(), timeout=5)
-    a, _ = srv.accept()
-    srv.close()
-    ch = C(a, map={})
-    # SO_LINGER 0: close() sends RST; the next recv fails with ECONNRESET
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    b.close()
+    ch, a, b = tcp_pair(C)
+    reset(b)
     for _ in range(200):
         r, _, _ = select.select([a], [], [], 0.05)
         if r:
@@ -560,13 +570,7 @@ def test_recv_big_then_nothing_raises_blocking_from_recv(impl):
 
 def test_recv_big_then_reset_closes(impl):
     C = closer(impl)
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    b = socket.create_connection(srv.getsockname(), timeout=5)
-    a, _ = srv.accept()
-    srv.close()
-    ch = C(a, map={})
+    ch, a, b = tcp_pair(C)
     b.sendall(b"z" * 40000)
     got = b""
     for _ in range(1000):
@@ -575,8 +579,7 @@ def test_recv_big_then_reset_closes(impl):
         select.select([a], [], [], 1)
         got += ch.recv(65536)
     assert got == b"z" * 40000
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    b.close()
+    reset(b)
     select.select([a], [], [], 5)
     assert ch.recv(65536) == b""
     assert C.closes == 1
