@@ -70,7 +70,9 @@
 
 static struct {
     PyObject *socket, *timeout, *fileno, *debug, *fa_out, *nbytes,
-        *initiate_send, *send, *recv, *func, *self_;
+        *initiate_send, *send, *recv, *func, *self_, *obs, *fifo,
+        *connected, *ibs, *fa_in, *fa_pos, *max_in, *get_terminator,
+        *terminator, *collect, *found, *ac_in_buffer;
 } N;
 
 static int g_on;                    /* the cffi backend is active */
@@ -81,6 +83,9 @@ static PyObject *g_py_send, *g_py_recv, *g_py_wsend;   /* the Python methods */
 static PyObject *g_send_tail, *g_recv_tail, *g_wsend_rest;
 static PyObject *g_dispatcher, *g_dws_initiate;
 static PyObject *g_d_send;          /* our dispatcher.send descriptor */
+static PyObject *g_py_push, *g_ac_initiate, *g_push_rest;   /* async_chat */
+static PyObject *g_py_read, *g_get_term, *g_read_data, *g_read_error;
+static PyObject *g_zero;            /* 0 */
 #ifndef Py_GIL_DISABLED
 static char g_rbuf[RBUF];     /* GIL-guarded (see RSMALL) */
 static unsigned char g_bulk[HINTS / 8];   /* fd's last read > RSMALL */
@@ -361,20 +366,21 @@ again:
 #endif
 }
 
-/* dispatcher_with_send.send's test of its fast branch: self.initiate_send
- * is a bound method of ours on self (not replaced on the class or the
- * instance).  1, 0, -1 (error set). */
+/* self.<name> is a bound method of `func` (ours) on self: not replaced on
+ * the class or the instance (dispatcher_with_send.send's and
+ * async_chat.push's test of initiate_send, async_chat.handle_read's of
+ * get_terminator).  1, 0, -1 (error set). */
 static int
-own_initiate(PyObject *self)
+own_method(PyObject *self, PyObject *name, PyObject *func)
 {
-    PyObject *m = PyObject_GetAttr(self, N.initiate_send), *v;
+    PyObject *m = PyObject_GetAttr(self, name), *v;
     int r = 0;
     if (m == NULL)
         return -1;
     if ((PyObject *)Py_TYPE(m) == g_method_type) {
         if (!(v = PyObject_GetAttr(m, N.func)))
             goto err;
-        r = v == g_dws_initiate;
+        r = v == func;
         Py_DECREF(v);
         if (r) {
             if (!(v = PyObject_GetAttr(m, N.self_)))
@@ -411,7 +417,7 @@ w_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
         goto slow;
     if (q == Py_None || (t = attr_true(q, N.nbytes)) != 0)
         goto slow_q;
-    if ((t = own_initiate(self)) != 1)
+    if ((t = own_method(self, N.initiate_send, g_dws_initiate)) != 1)
         goto slow_q;
     if (!(v = PyObject_GetAttr(g_dispatcher, N.send)))
         goto slow_q;
@@ -457,6 +463,288 @@ slow:
     return fallback(g_py_wsend, self, args, nargs, kwnames);
 }
 
+
+/* self.send is our dispatcher.send, bound to self (not replaced on the
+ * class or the instance).  1, 0, -1 (error set). */
+static int
+own_send(PyObject *self)
+{
+    PyObject *m = PyObject_GetAttr(self, N.send);
+    int r;
+    if (m == NULL)
+        return -1;
+    r = PyCFunction_Check(m)
+        && PyCFunction_GetFunction(m) == (PyCFunction)(void (*)(void))d_send
+        && PyCFunction_GetSelf(m) == self;
+    Py_DECREF(m);
+    return r;
+}
+
+/* async_chat.push(self, data): the fast branch of the Python method (an
+ * empty queue, data no longer than ac_out_buffer_size, connected,
+ * initiate_send and send not replaced: one self.send(data), only what it
+ * did not take is queued), in C.  Only "all of it sent" ends here; every
+ * other outcome of the send goes to asynchat._push_rest (a function named
+ * push: an OSError is handled there, in a frame named like 3.11's). */
+static PyObject *
+c_push(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *data, *v, *fifo = NULL;
+    Py_ssize_t n, len, obs;
+    int t;
+
+    if (!g_on || nargs != 1 || kwnames != NULL || !PyBytes_CheckExact(args[0]))
+        return fallback(g_py_push, self, args, nargs, kwnames);
+    data = args[0];
+    if ((len = PyBytes_Size(data)) <= 0)        /* b'': 3.11 sends 0 bytes */
+        goto slow;
+    /* the Python method's reads, in its order: ac_out_buffer_size,
+     * producer_fifo (empty?), connected, initiate_send, send */
+    if (!(v = PyObject_GetAttr(self, N.obs)))
+        goto slow;
+    obs = PyLong_CheckExact(v) ? PyLong_AsSsize_t(v) : -1;
+    Py_DECREF(v);
+    if (obs < len)                               /* (or not an int, overflow) */
+        goto slow;
+    if (!(fifo = PyObject_GetAttr(self, N.fifo)))
+        goto slow;
+    if (PyObject_IsTrue(fifo) != 0)
+        goto slow;
+    if (attr_true(self, N.connected) != 1)
+        goto slow;
+    if (own_method(self, N.initiate_send, g_ac_initiate) != 1 || own_send(self) != 1)
+        goto slow;
+    t = fast_send(self, data, PY_SSIZE_T_MAX, &n);
+    if (t == 0)
+        goto slow;
+    if (t < 0) {
+        Py_DECREF(fifo);
+        return NULL;
+    }
+    if (t == 1 && n >= len) {
+        Py_DECREF(fifo);
+        return none_ref();
+    }
+    {
+        /* _push_rest(self, fifo, data, sent, errno) */
+        PyObject *k = PyLong_FromSsize_t(t == 1 ? n : 0);
+        PyObject *e = k ? PyLong_FromSsize_t(t == 2 ? n : 0) : NULL;
+        PyObject *r = e ? PyObject_CallFunctionObjArgs(g_push_rest, self, fifo,
+                                                       data, k, e, NULL) : NULL;
+        Py_XDECREF(k);
+        Py_XDECREF(e);
+        Py_DECREF(fifo);
+        return r;
+    }
+slow:
+    Py_XDECREF(fifo);
+    PyErr_Clear();
+    return fallback(g_py_push, self, args, nargs, kwnames);
+}
+
+/* obj.<name> is exactly `want` (compared by identity), or an exact int
+ * equal to want_int when want is NULL.  1, 0 (lookup errors: 0, cleared). */
+static int
+attr_is(PyObject *obj, PyObject *name, PyObject *want, Py_ssize_t want_int)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int r;
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (want != NULL)
+        r = v == want;
+    else
+        r = PyLong_CheckExact(v) && PyLong_AsSsize_t(v) == want_int;
+    Py_DECREF(v);
+    PyErr_Clear();                   /* (an overflowing int: not equal) */
+    return r;
+}
+
+static PyObject *
+call1(PyObject *self, PyObject *name, PyObject *arg)
+{
+    return PyObject_CallMethodObjArgs(self, name, arg, NULL);
+}
+
+/* async_chat.handle_read after its recv, for bytes terminators: each record
+ * found in the buffer goes to collect_incoming_data()/found_terminator()
+ * with exactly the reads, writes and calls of asynchat._read_data (the
+ * reference); whatever else the buffer needs (a partial record, an int or
+ * empty terminator, a buffer replaced by a callback with something that is
+ * not bytes, an input limit, an overridden get_terminator) is handed to
+ * _read_data at the start of an iteration, where its state lives in
+ * _fa_in/_fa_pos: _read_data(self, None) continues from there, and
+ * _read_data(self, data) does it all when the first look fails. */
+static PyObject *
+read_data(PyObject *self, PyObject *data)
+{
+    PyObject *buf, *term = NULL, *v, *r;
+    Py_ssize_t pos, len, tl, idx;
+    const char *p, *hit;
+    int t;
+
+    /* the reference's reads before its loop: _fa_pos, _fa_in,
+     * max_input_bytes (then get_terminator, in the loop) */
+    if (!PyBytes_CheckExact(data) || !(v = PyObject_GetAttr(self, N.fa_in)))
+        goto python_data;
+    /* nothing left over: every byte of _fa_in consumed (its offset at the
+     * end: the usual state after a record) */
+    t = PyBytes_CheckExact(v) && attr_is(self, N.fa_pos, NULL, PyBytes_Size(v));
+    Py_DECREF(v);
+    if (!t || !attr_is(self, N.max_in, Py_None, 0)
+            || own_method(self, N.get_terminator, g_get_term) != 1)
+        goto python_data;
+    /* buf = b'' + data, which is data itself; stored with offset 0 */
+    buf = data;
+    Py_INCREF(buf);
+    pos = 0;
+    if (PyObject_SetAttr(self, N.fa_in, buf) < 0
+            || PyObject_SetAttr(self, N.fa_pos, g_zero) < 0)
+        goto error;
+    while ((len = PyBytes_Size(buf)) > pos) {
+        /* get_terminator(), not overridden */
+        if (!(term = PyObject_GetAttr(self, N.terminator))) {
+            PyErr_Clear();
+            goto resume;
+        }
+        if (!PyBytes_CheckExact(term) || (tl = PyBytes_Size(term)) <= 0)
+            goto resume;
+        p = PyBytes_AsString(buf);
+        hit = memmem(p + pos, (size_t)(len - pos), PyBytes_AsString(term), (size_t)tl);
+        if (hit == NULL)
+            goto resume;             /* a partial record: the prefix rules */
+        idx = hit - p;
+        if (idx > pos) {
+            PyObject *chunk = PyBytes_FromStringAndSize(p + pos, idx - pos);
+            if (chunk == NULL)
+                goto error;
+            r = call1(self, N.collect, chunk);
+            Py_DECREF(chunk);
+            if (r == NULL)
+                goto error;
+            Py_DECREF(r);
+            if (!attr_is(self, N.fa_in, buf, 0) || !attr_is(self, N.fa_pos, NULL, pos)) {
+                /* The callback replaced the buffer: do what 3.11 does to
+                 * whatever it holds now. */
+                PyObject *s;
+                if (!(v = PyObject_GetAttr(self, N.ac_in_buffer)))
+                    goto error;
+                s = PySequence_GetSlice(v, idx - pos + tl, PY_SSIZE_T_MAX);
+                Py_DECREF(v);
+                if (s == NULL)
+                    goto error;
+                t = PyObject_SetAttr(self, N.ac_in_buffer, s);
+                Py_DECREF(s);
+                if (t < 0)
+                    goto error;
+                goto found;
+            }
+        }
+        pos = idx + tl;
+        if (!(v = PyLong_FromSsize_t(pos)))
+            goto error;
+        t = PyObject_SetAttr(self, N.fa_pos, v);
+        Py_DECREF(v);
+        if (t < 0)
+            goto error;
+found:
+        if (!(r = PyObject_CallMethodObjArgs(self, N.found, NULL)))
+            goto error;
+        Py_DECREF(r);
+        Py_CLEAR(term);
+        /* buf, pos = self._fa_in, self._fa_pos */
+        if (!(v = PyObject_GetAttr(self, N.fa_in))) {
+            PyErr_Clear();
+            goto resume;
+        }
+        Py_DECREF(buf);
+        buf = v;
+        if (!PyBytes_CheckExact(buf))
+            goto resume;
+        if (!(v = PyObject_GetAttr(self, N.fa_pos))) {
+            PyErr_Clear();
+            goto resume;
+        }
+        pos = PyLong_CheckExact(v) ? PyLong_AsSsize_t(v) : -1;
+        Py_DECREF(v);
+        if (pos < 0) {
+            PyErr_Clear();
+            goto resume;
+        }
+    }
+    Py_DECREF(buf);
+    return none_ref();
+resume:
+    Py_XDECREF(term);
+    Py_DECREF(buf);
+    return PyObject_CallFunctionObjArgs(g_read_data, self, Py_None, NULL);
+python_data:
+    PyErr_Clear();
+    return PyObject_CallFunctionObjArgs(g_read_data, self, data, NULL);
+error:
+    Py_XDECREF(term);
+    Py_DECREF(buf);
+    return NULL;
+}
+
+/* async_chat.handle_read(self) */
+static PyObject *
+c_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *n, *m, *data, *r;
+
+    if (!g_on || nargs != 0 || kwnames != NULL)
+        return fallback(g_py_read, self, args, nargs, kwnames);
+    /* data = self.recv(self.ac_in_buffer_size) */
+    if (!(n = PyObject_GetAttr(self, N.ibs))) {
+        PyErr_Clear();
+        return fallback(g_py_read, self, args, nargs, kwnames);
+    }
+    if (!(m = PyObject_GetAttr(self, N.recv))) {
+        PyErr_Clear();
+        Py_DECREF(n);
+        return fallback(g_py_read, self, args, nargs, kwnames);
+    }
+    if (PyCFunction_Check(m)
+            && PyCFunction_GetFunction(m) == (PyCFunction)(void (*)(void))d_recv
+            && PyCFunction_GetSelf(m) == self)
+        data = d_recv(self, &n, 1, NULL);
+    else
+        data = PyObject_CallFunctionObjArgs(m, n, NULL);
+    Py_DECREF(m);
+    Py_DECREF(n);
+    if (data == NULL) {
+        PyObject *t, *v, *tb;
+        /* except BlockingIOError: return */
+        if (PyErr_ExceptionMatches(PyExc_BlockingIOError)) {
+            PyErr_Clear();
+            return none_ref();
+        }
+        if (!PyErr_ExceptionMatches(PyExc_OSError))
+            return NULL;
+        /* except OSError: self.handle_error(), in asynchat's function
+         * named handle_read, with the exception as sys.exc_info() */
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (v == NULL) {
+            PyErr_Restore(t, v, tb);
+            return NULL;
+        }
+        if (tb != NULL)
+            PyException_SetTraceback(v, tb);
+        Py_XDECREF(t);
+        Py_XDECREF(tb);
+        r = PyObject_CallFunctionObjArgs(g_read_error, self, v, NULL);
+        Py_DECREF(v);
+        return r;
+    }
+    r = read_data(self, data);
+    Py_DECREF(data);
+    return r;
+}
+
 static PyMethodDef d_send_def = {
     "send", (PyCFunction)(void (*)(void))d_send, METH_FASTCALL | METH_KEYWORDS,
     "send($self, data)\n--\n\ndispatcher.send (C; asyncore.py has the reference)."};
@@ -466,6 +754,12 @@ static PyMethodDef d_recv_def = {
 static PyMethodDef w_send_def = {
     "send", (PyCFunction)(void (*)(void))w_send, METH_FASTCALL | METH_KEYWORDS,
     "send($self, data)\n--\n\ndispatcher_with_send.send (C; asyncore.py has the reference)."};
+static PyMethodDef c_read_def = {
+    "handle_read", (PyCFunction)(void (*)(void))c_read, METH_FASTCALL | METH_KEYWORDS,
+    "handle_read($self)\n--\n\nasync_chat.handle_read (C; asynchat.py has the reference)."};
+static PyMethodDef c_push_def = {
+    "push", (PyCFunction)(void (*)(void))c_push, METH_FASTCALL | METH_KEYWORDS,
+    "push($self, data)\n--\n\nasync_chat.push (C; asynchat.py has the reference)."};
 
 static int
 keep(PyObject **slot, PyObject *v)
@@ -503,6 +797,20 @@ fa_chan_methods(PyObject *module, PyObject *args)
     INTERN(recv, "recv");
     INTERN(func, "__func__");
     INTERN(self_, "__self__");
+    INTERN(obs, "ac_out_buffer_size");
+    INTERN(fifo, "producer_fifo");
+    INTERN(connected, "connected");
+    INTERN(ibs, "ac_in_buffer_size");
+    INTERN(fa_in, "_fa_in");
+    INTERN(fa_pos, "_fa_pos");
+    INTERN(max_in, "max_input_bytes");
+    INTERN(get_terminator, "get_terminator");
+    INTERN(terminator, "terminator");
+    INTERN(collect, "collect_incoming_data");
+    INTERN(found, "found_terminator");
+    INTERN(ac_in_buffer, "ac_in_buffer");
+    if (!g_zero && !(g_zero = PyLong_FromLong(0)))
+        return NULL;
     /* `object` as the descriptors' class: they accept any self, as the
      * Python functions do (a duck-typed dispatcher.send(obj, data) works) */
     ds = PyDescr_NewMethod(&PyBaseObject_Type, &d_send_def);
@@ -538,4 +846,33 @@ fa_chan_io(PyObject *module, PyObject *arg)
         return NULL;
     g_on = on;
     return none_ref();
+}
+
+PyObject *
+fa_chat_methods(PyObject *module, PyObject *args)
+{
+    PyObject *py_push, *ac_init, *push_rest, *py_read, *get_term, *rdata, *rerr,
+        *p, *h;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OOOOOOO:chat_methods", &py_push, &ac_init,
+                          &push_rest, &py_read, &get_term, &rdata, &rerr))
+        return NULL;
+    if (g_d_send == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "chan_methods() first");
+        return NULL;
+    }
+    if (!(p = PyDescr_NewMethod(&PyBaseObject_Type, &c_push_def)))
+        return NULL;
+    if (!(h = PyDescr_NewMethod(&PyBaseObject_Type, &c_read_def))) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    keep(&g_py_push, py_push);
+    keep(&g_ac_initiate, ac_init);
+    keep(&g_push_rest, push_rest);
+    keep(&g_py_read, py_read);
+    keep(&g_get_term, get_term);
+    keep(&g_read_data, rdata);
+    keep(&g_read_error, rerr);
+    return Py_BuildValue("(NN)", p, h);
 }

@@ -1819,6 +1819,9 @@ static PyMethodDef cloop_methods[] = {
     {"chan_methods", fa_chan_methods, METH_VARARGS,
      "chan_methods(...) -> (dispatcher.send, dispatcher.recv, "
      "dispatcher_with_send.send) in C (csrc/fa_chanio.c)"},
+    {"chat_methods", fa_chat_methods, METH_VARARGS,
+     "chat_methods(...) -> (async_chat.push, async_chat.handle_read) "
+     "in C (csrc/fa_chanio.c)"},
     {"chan_io", fa_chan_io, METH_O,
      "chan_io(on) -> None\n\nThe C channel methods' fast paths on (cffi "
      "backend) or off (they call the Python methods)."},

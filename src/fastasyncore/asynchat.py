@@ -151,102 +151,7 @@ class async_chat(asyncore.dispatcher):
             self.handle_error()
             return
 
-        if isinstance(data, str) and self.use_encoding:
-            data = bytes(str, self.encoding)   # 3.11's latent bug, kept
-        # self.ac_in_buffer = self.ac_in_buffer + data, without the property
-        pos = self._fa_pos
-        buf = self._fa_in
-        if pos:
-            buf = buf[pos:]
-        buf = buf + data if buf else b'' + data
-        self._fa_in = buf
-        self._fa_pos = pos = 0
-
-        # Continue to search for self.terminator in self.ac_in_buffer,
-        # while calling self.collect_incoming_data.  The while loop
-        # is necessary because we might read several data+terminator
-        # combos with a single recv(4096).
-        #
-        # Same steps as 3.11, over buf[pos:] instead of a re-sliced buffer.
-        # Before each callback the offset is stored (so ac_in_buffer reads
-        # right inside it); after it, buf/pos are reloaded (the callback may
-        # have assigned ac_in_buffer or called discard_buffers()).
-        limit = self.max_input_bytes
-        if limit is not None and not self._fa_check_input(buf, pos, limit):
-            return
-        fast = None     # get_terminator() not overridden?  Asked when needed.
-        while len(buf) > pos:
-            lb = len(buf) - pos
-            terminator = self.get_terminator()
-            if not terminator:
-                # no terminator, collect it all
-                self.collect_incoming_data(buf[pos:] if pos else buf)
-                self.ac_in_buffer = b''
-            elif isinstance(terminator, int):
-                # numeric terminator
-                n = terminator
-                if lb < n:
-                    self.collect_incoming_data(buf[pos:] if pos else buf)
-                    self.ac_in_buffer = b''
-                    self.terminator = self.terminator - lb
-                else:
-                    self.collect_incoming_data(buf[pos:pos + n])
-                    if self._fa_in is buf and self._fa_pos == pos:
-                        self._fa_pos = pos + n
-                    else:
-                        self.ac_in_buffer = self.ac_in_buffer[n:]
-                    self.terminator = 0
-                    self.found_terminator()
-            else:
-                # 3 cases:
-                # 1) end of buffer matches terminator exactly:
-                #    collect data, transition
-                # 2) end of buffer matches some prefix:
-                #    collect data to the prefix
-                # 3) end of buffer does not match any prefix:
-                #    collect data
-                terminator_len = len(terminator)
-                index = buf.find(terminator, pos)
-                if index != -1:
-                    # we found the terminator
-                    if index > pos:
-                        # don't bother reporting the empty string
-                        # (source of subtle bugs)
-                        self.collect_incoming_data(buf[pos:index])
-                        if self._fa_in is not buf or self._fa_pos != pos:
-                            # The callback replaced the buffer: do what
-                            # 3.11 does to whatever it holds now.
-                            self.ac_in_buffer = self.ac_in_buffer[
-                                index - pos + terminator_len:]
-                            self.found_terminator()
-                            buf = self._fa_in
-                            pos = self._fa_pos
-                            continue
-                    self._fa_pos = pos = index + terminator_len
-                    # This does the Right Thing if the terminator
-                    # is changed here.
-                    self.found_terminator()
-                    if len(buf) > pos:
-                        if fast is None:
-                            fast = _bound_is(self, 'get_terminator',
-                                             async_chat.get_terminator)
-                        if fast:
-                            self._fa_records(buf, pos, terminator, terminator_len)
-                else:
-                    # check for a prefix of the terminator
-                    index = _prefix_at_end(buf, pos, terminator)
-                    if index:
-                        if index != lb:
-                            # we found a prefix, collect up to the prefix
-                            self.collect_incoming_data(buf[pos:len(buf) - index])
-                            self.ac_in_buffer = self.ac_in_buffer[-index:]
-                        break
-                    else:
-                        # no prefix, collect it all
-                        self.collect_incoming_data(buf[pos:] if pos else buf)
-                        self.ac_in_buffer = b''
-            buf = self._fa_in
-            pos = self._fa_pos
+        _read_data(self, data)
 
     def _fa_records(self, buf, pos, terminator, terminator_len):
         # More records with the same terminator object in the same buffer:
@@ -316,21 +221,12 @@ class async_chat(asyncore.dispatcher):
                     fifo.append(data)      # where 3.11 has it at this point
                     self.handle_error()
                     return
-                if num_sent:               # (a user send() may return None)
-                    if num_sent >= len(data):
-                        return
-                    data = data[num_sent:]
-            else:
-                fifo.append(data)
-                self.initiate_send()   # 3.11 makes a 0-byte send here
+                # (a user send() may return None)
+                if not num_sent or num_sent < len(data):
+                    self._fa_queue_rest(fifo, data, num_sent)
                 return
             fifo.append(data)
-            if self.max_output_bytes is not None and \
-                    self.output_queued() > self.max_output_bytes:
-                self.handle_output_overflow()
-                return
-            if self._fa_mask() != self._fa_regmask:
-                _touch(self)
+            self.initiate_send()   # 3.11 makes a 0-byte send here
             return
         if len(data) > sabs:
             for i in range(0, len(data), sabs):
@@ -342,6 +238,18 @@ class async_chat(asyncore.dispatcher):
             self.handle_output_overflow()
             return
         self.initiate_send()
+
+    def _fa_queue_rest(self, fifo, data, num_sent):
+        # push()'s fast branch: what the first send left goes to the queue
+        if num_sent:
+            data = data[num_sent:]
+        fifo.append(data)
+        if self.max_output_bytes is not None and \
+                self.output_queued() > self.max_output_bytes:
+            self.handle_output_overflow()
+            return
+        if self._fa_mask() != self._fa_regmask:
+            _touch(self)
 
     def push_with_producer(self, producer):
         self.producer_fifo.append(producer)
@@ -475,6 +383,178 @@ class async_chat(asyncore.dispatcher):
 
 
 _loop.register_managed(async_chat, c_mask='async_chat')
+
+
+def handle_read(self, data):
+    # async_chat.handle_read after its recv (named like it: a traceback
+    # through it shows the method's name).  data None: the C method
+    # (csrc/fa_chanio.c) hands over between records, the state in
+    # _fa_in/_fa_pos as each iteration leaves it.
+    if data is None:
+        buf = self._fa_in
+        pos = self._fa_pos
+    else:
+        if isinstance(data, str) and self.use_encoding:
+            data = bytes(str, self.encoding)   # 3.11's latent bug, kept
+        # self.ac_in_buffer = self.ac_in_buffer + data, without the property
+        pos = self._fa_pos
+        buf = self._fa_in
+        if pos:
+            buf = buf[pos:]
+        buf = buf + data if buf else b'' + data
+        self._fa_in = buf
+        self._fa_pos = pos = 0
+        limit = self.max_input_bytes
+        if limit is not None and not self._fa_check_input(buf, pos, limit):
+            return
+
+    # Continue to search for self.terminator in self.ac_in_buffer,
+    # while calling self.collect_incoming_data.  The while loop
+    # is necessary because we might read several data+terminator
+    # combos with a single recv(4096).
+    #
+    # Same steps as 3.11, over buf[pos:] instead of a re-sliced buffer.
+    # Before each callback the offset is stored (so ac_in_buffer reads
+    # right inside it); after it, buf/pos are reloaded (the callback may
+    # have assigned ac_in_buffer or called discard_buffers()).
+    fast = None     # get_terminator() not overridden?  Asked when needed.
+    while len(buf) > pos:
+        lb = len(buf) - pos
+        terminator = self.get_terminator()
+        if not terminator:
+            # no terminator, collect it all
+            self.collect_incoming_data(buf[pos:] if pos else buf)
+            self.ac_in_buffer = b''
+        elif isinstance(terminator, int):
+            # numeric terminator
+            n = terminator
+            if lb < n:
+                self.collect_incoming_data(buf[pos:] if pos else buf)
+                self.ac_in_buffer = b''
+                self.terminator = self.terminator - lb
+            else:
+                self.collect_incoming_data(buf[pos:pos + n])
+                if self._fa_in is buf and self._fa_pos == pos:
+                    self._fa_pos = pos + n
+                else:
+                    self.ac_in_buffer = self.ac_in_buffer[n:]
+                self.terminator = 0
+                self.found_terminator()
+        else:
+            # 3 cases:
+            # 1) end of buffer matches terminator exactly:
+            #    collect data, transition
+            # 2) end of buffer matches some prefix:
+            #    collect data to the prefix
+            # 3) end of buffer does not match any prefix:
+            #    collect data
+            terminator_len = len(terminator)
+            index = buf.find(terminator, pos)
+            if index != -1:
+                # we found the terminator
+                if index > pos:
+                    # don't bother reporting the empty string
+                    # (source of subtle bugs)
+                    self.collect_incoming_data(buf[pos:index])
+                    if self._fa_in is not buf or self._fa_pos != pos:
+                        # The callback replaced the buffer: do what
+                        # 3.11 does to whatever it holds now.
+                        self.ac_in_buffer = self.ac_in_buffer[
+                            index - pos + terminator_len:]
+                        self.found_terminator()
+                        buf = self._fa_in
+                        pos = self._fa_pos
+                        continue
+                self._fa_pos = pos = index + terminator_len
+                # This does the Right Thing if the terminator
+                # is changed here.
+                self.found_terminator()
+                if len(buf) > pos:
+                    if fast is None:
+                        fast = _bound_is(self, 'get_terminator',
+                                         async_chat.get_terminator)
+                    if fast:
+                        self._fa_records(buf, pos, terminator, terminator_len)
+            else:
+                # check for a prefix of the terminator
+                index = _prefix_at_end(buf, pos, terminator)
+                if index:
+                    if index != lb:
+                        # we found a prefix, collect up to the prefix
+                        self.collect_incoming_data(buf[pos:len(buf) - index])
+                        self.ac_in_buffer = self.ac_in_buffer[-index:]
+                    break
+                else:
+                    # no prefix, collect it all
+                    self.collect_incoming_data(buf[pos:] if pos else buf)
+                    self.ac_in_buffer = b''
+        buf = self._fa_in
+        pos = self._fa_pos
+
+
+
+_read_data = handle_read
+del handle_read
+
+# ---------------------------------------------------------------------------
+# async_chat.push and handle_read in C (csrc/fa_chanio.c), where asyncore's C
+# methods are installed.  The methods stay the reference: push's C fast
+# branch ends only where the whole message went out in one send on a plain
+# non-blocking socket; handle_read's handles records ended by a bytes
+# terminator and hands everything else to _read_data above.  What follows a
+# send that did not take everything, or a failed recv, happens here, in
+# functions named like the methods (an OSError is caught in a frame named as
+# 3.11's).
+# ---------------------------------------------------------------------------
+
+
+def push(self, fifo, data, num_sent, err):
+    # async_chat.push after the C send of data: num_sent bytes sent (0:
+    # EWOULDBLOCK), or err, the errno of a failed send
+    if err:
+        try:
+            num_sent = asyncore._send_tail(self, err)
+        except OSError:
+            fifo.append(data)      # where 3.11 has it at this point
+            self.handle_error()
+            return
+    async_chat._fa_queue_rest(self, fifo, data, num_sent)
+
+
+_push_rest = push
+del push
+
+
+def handle_read(self, exc):
+    # async_chat.handle_read's except clauses, for the C method's recv:
+    # exc, an OSError other than BlockingIOError (re-raised here, so that
+    # the traceback handle_error() sees starts in a frame of this name)
+    try:
+        raise exc
+    except OSError:
+        self.handle_error()
+    finally:
+        exc = None
+
+
+_read_error = handle_read
+del handle_read
+
+
+def _install_c_methods():
+    if not asyncore._C_METHODS:
+        return False
+    from . import _cloop
+    make = getattr(_cloop, "chat_methods", None)
+    if make is None:
+        return False
+    async_chat.push, async_chat.handle_read = make(
+        async_chat.push, async_chat.initiate_send, _push_rest,
+        async_chat.handle_read, async_chat.get_terminator, _read_data, _read_error)
+    return True
+
+
+_C_METHODS = _install_c_methods()
 
 
 class simple_producer:
