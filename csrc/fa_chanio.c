@@ -72,7 +72,7 @@ static struct {
     PyObject *socket, *timeout, *fileno, *debug, *fa_out, *nbytes,
         *initiate_send, *send, *recv, *func, *self_, *obs, *fifo,
         *connected, *ibs, *fa_in, *fa_pos, *max_in, *get_terminator,
-        *terminator, *collect, *found, *ac_in_buffer;
+        *terminator, *collect, *found, *ac_in_buffer, *fa_data;
 } N;
 
 static int g_on;                    /* the cffi backend is active */
@@ -84,7 +84,7 @@ static PyObject *g_send_tail, *g_recv_tail, *g_wsend_rest;
 static PyObject *g_dispatcher, *g_dws_initiate;
 static PyObject *g_d_send;          /* our dispatcher.send descriptor */
 static PyObject *g_py_push, *g_ac_initiate, *g_push_rest;   /* async_chat */
-static PyObject *g_py_read, *g_get_term, *g_read_data, *g_read_error;
+static PyObject *g_py_read, *g_get_term, *g_read_error;
 static PyObject *g_zero;            /* 0 */
 #ifndef Py_GIL_DISABLED
 static char g_rbuf[RBUF];     /* GIL-guarded (see RSMALL) */
@@ -568,15 +568,30 @@ call1(PyObject *self, PyObject *name, PyObject *arg)
     return PyObject_CallMethodObjArgs(self, name, arg, NULL);
 }
 
+/* The Python method, handle_read(self, _fa_data=data): data, the bytes its
+ * recv would have returned, or None: continue from _fa_in/_fa_pos. */
+static PyObject *
+read_rest(PyObject *self, PyObject *data)
+{
+    PyObject *t, *kw, *r = NULL;
+    if (!(t = PyTuple_Pack(1, self)))
+        return NULL;
+    if ((kw = PyDict_New()) != NULL && PyDict_SetItem(kw, N.fa_data, data) == 0)
+        r = PyObject_Call(g_py_read, t, kw);
+    Py_DECREF(t);
+    Py_XDECREF(kw);
+    return r;
+}
+
 /* async_chat.handle_read after its recv, for bytes terminators: each record
  * found in the buffer goes to collect_incoming_data()/found_terminator()
- * with exactly the reads, writes and calls of asynchat._read_data (the
+ * with exactly the reads, writes and calls of the Python method (the
  * reference); whatever else the buffer needs (a partial record, an int or
  * empty terminator, a buffer replaced by a callback with something that is
- * not bytes, an input limit, an overridden get_terminator) is handed to
- * _read_data at the start of an iteration, where its state lives in
- * _fa_in/_fa_pos: _read_data(self, None) continues from there, and
- * _read_data(self, data) does it all when the first look fails. */
+ * not bytes, an input limit, an overridden get_terminator) is handed to it
+ * at the start of an iteration, where its state lives in _fa_in/_fa_pos:
+ * read_rest(self, None) continues from there, and read_rest(self, data)
+ * does it all when the first look fails. */
 static PyObject *
 read_data(PyObject *self, PyObject *data)
 {
@@ -679,10 +694,10 @@ found:
 resume:
     Py_XDECREF(term);
     Py_DECREF(buf);
-    return PyObject_CallFunctionObjArgs(g_read_data, self, Py_None, NULL);
+    return read_rest(self, Py_None);
 python_data:
     PyErr_Clear();
-    return PyObject_CallFunctionObjArgs(g_read_data, self, data, NULL);
+    return read_rest(self, data);
 error:
     Py_XDECREF(term);
     Py_DECREF(buf);
@@ -809,6 +824,7 @@ fa_chan_methods(PyObject *module, PyObject *args)
     INTERN(collect, "collect_incoming_data");
     INTERN(found, "found_terminator");
     INTERN(ac_in_buffer, "ac_in_buffer");
+    INTERN(fa_data, "_fa_data");
     if (!g_zero && !(g_zero = PyLong_FromLong(0)))
         return NULL;
     /* `object` as the descriptors' class: they accept any self, as the
@@ -851,11 +867,10 @@ fa_chan_io(PyObject *module, PyObject *arg)
 PyObject *
 fa_chat_methods(PyObject *module, PyObject *args)
 {
-    PyObject *py_push, *ac_init, *push_rest, *py_read, *get_term, *rdata, *rerr,
-        *p, *h;
+    PyObject *py_push, *ac_init, *push_rest, *py_read, *get_term, *rerr, *p, *h;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OOOOOOO:chat_methods", &py_push, &ac_init,
-                          &push_rest, &py_read, &get_term, &rdata, &rerr))
+    if (!PyArg_ParseTuple(args, "OOOOOO:chat_methods", &py_push, &ac_init,
+                          &push_rest, &py_read, &get_term, &rerr))
         return NULL;
     if (g_d_send == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "chan_methods() first");
@@ -872,7 +887,6 @@ fa_chat_methods(PyObject *module, PyObject *args)
     keep(&g_push_rest, push_rest);
     keep(&g_py_read, py_read);
     keep(&g_get_term, get_term);
-    keep(&g_read_data, rdata);
     keep(&g_read_error, rerr);
     return Py_BuildValue("(NN)", p, h);
 }

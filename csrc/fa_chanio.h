@@ -11,7 +11,7 @@
  *   -> (dispatcher.send, dispatcher.recv, dispatcher_with_send.send) */
 PyObject *fa_chan_methods(PyObject *module, PyObject *args);
 /* chat_methods(py_push, async_chat_initiate_send, push_rest, py_handle_read,
- *              async_chat_get_terminator, read_data, read_error)
+ *              async_chat_get_terminator, read_error)
  *   -> (async_chat.push, async_chat.handle_read); after chan_methods() */
 PyObject *fa_chat_methods(PyObject *module, PyObject *args);
 /* chan_io(on): the fast paths on (cffi backend) or off (every call goes to

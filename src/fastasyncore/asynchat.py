@@ -10,7 +10,9 @@ the sequence 3.11 produces, and ``ac_in_buffer`` still reads and assigns as the
 pending bytes.
 """
 
+import inspect as _inspect
 from collections import deque
+from types import MethodType as _MethodType
 
 from . import _backend
 from . import asyncore
@@ -23,6 +25,7 @@ __all__ = ["async_chat", "simple_producer", "find_prefix_at_end"]
 
 _READ = _POLLIN | _POLLPRI
 _BYTES_TYPES = (bytes, bytearray, memoryview)
+_RECV = object()        # handle_read(): receive first (the method as called)
 
 
 class async_chat(asyncore.dispatcher):
@@ -141,17 +144,121 @@ class async_chat(asyncore.dispatcher):
     # check for the terminator,
     # if found, transition to the next state.
 
-    def handle_read(self):
+    def handle_read(self, *, _fa_data=_RECV):
+        # (_fa_data: the C method's entry, see _install_c_methods(); not
+        # part of the API, and hidden from inspect.signature)
+        if _fa_data is None:
+            # the C method hands over between records, the state in
+            # _fa_in/_fa_pos as each iteration leaves it
+            buf = self._fa_in
+            pos = self._fa_pos
+        else:
+            if _fa_data is _RECV:
+                try:
+                    data = self.recv(self.ac_in_buffer_size)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    self.handle_error()
+                    return
+            else:
+                data = _fa_data     # what the C method's recv returned
 
-        try:
-            data = self.recv(self.ac_in_buffer_size)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.handle_error()
-            return
-
-        _read_data(self, data)
+            if isinstance(data, str) and self.use_encoding:
+                data = bytes(str, self.encoding)   # 3.11's latent bug, kept
+            # self.ac_in_buffer = self.ac_in_buffer + data, without the property
+            pos = self._fa_pos
+            buf = self._fa_in
+            if pos:
+                buf = buf[pos:]
+            buf = buf + data if buf else b'' + data
+            self._fa_in = buf
+            self._fa_pos = pos = 0
+            limit = self.max_input_bytes
+            if limit is not None and not self._fa_check_input(buf, pos, limit):
+                return
+        # Continue to search for self.terminator in self.ac_in_buffer,
+        # while calling self.collect_incoming_data.  The while loop
+        # is necessary because we might read several data+terminator
+        # combos with a single recv(4096).
+        #
+        # Same steps as 3.11, over buf[pos:] instead of a re-sliced buffer.
+        # Before each callback the offset is stored (so ac_in_buffer reads
+        # right inside it); after it, buf/pos are reloaded (the callback may
+        # have assigned ac_in_buffer or called discard_buffers()).
+        fast = None     # get_terminator() not overridden?  Asked when needed.
+        while len(buf) > pos:
+            lb = len(buf) - pos
+            terminator = self.get_terminator()
+            if not terminator:
+                # no terminator, collect it all
+                self.collect_incoming_data(buf[pos:] if pos else buf)
+                self.ac_in_buffer = b''
+            elif isinstance(terminator, int):
+                # numeric terminator
+                n = terminator
+                if lb < n:
+                    self.collect_incoming_data(buf[pos:] if pos else buf)
+                    self.ac_in_buffer = b''
+                    self.terminator = self.terminator - lb
+                else:
+                    self.collect_incoming_data(buf[pos:pos + n])
+                    if self._fa_in is buf and self._fa_pos == pos:
+                        self._fa_pos = pos + n
+                    else:
+                        self.ac_in_buffer = self.ac_in_buffer[n:]
+                    self.terminator = 0
+                    self.found_terminator()
+            else:
+                # 3 cases:
+                # 1) end of buffer matches terminator exactly:
+                #    collect data, transition
+                # 2) end of buffer matches some prefix:
+                #    collect data to the prefix
+                # 3) end of buffer does not match any prefix:
+                #    collect data
+                terminator_len = len(terminator)
+                index = buf.find(terminator, pos)
+                if index != -1:
+                    # we found the terminator
+                    if index > pos:
+                        # don't bother reporting the empty string
+                        # (source of subtle bugs)
+                        self.collect_incoming_data(buf[pos:index])
+                        if self._fa_in is not buf or self._fa_pos != pos:
+                            # The callback replaced the buffer: do what
+                            # 3.11 does to whatever it holds now.
+                            self.ac_in_buffer = self.ac_in_buffer[
+                                index - pos + terminator_len:]
+                            self.found_terminator()
+                            buf = self._fa_in
+                            pos = self._fa_pos
+                            continue
+                    self._fa_pos = pos = index + terminator_len
+                    # This does the Right Thing if the terminator
+                    # is changed here.
+                    self.found_terminator()
+                    if len(buf) > pos:
+                        if fast is None:
+                            fast = _bound_is(self, 'get_terminator',
+                                             async_chat.get_terminator)
+                        if fast:
+                            self._fa_records(buf, pos, terminator, terminator_len)
+                else:
+                    # check for a prefix of the terminator
+                    index = _prefix_at_end(buf, pos, terminator)
+                    if index:
+                        if index != lb:
+                            # we found a prefix, collect up to the prefix
+                            self.collect_incoming_data(buf[pos:len(buf) - index])
+                            self.ac_in_buffer = self.ac_in_buffer[-index:]
+                        break
+                    else:
+                        # no prefix, collect it all
+                        self.collect_incoming_data(buf[pos:] if pos else buf)
+                        self.ac_in_buffer = b''
+            buf = self._fa_in
+            pos = self._fa_pos
 
     def _fa_records(self, buf, pos, terminator, terminator_len):
         # More records with the same terminator object in the same buffer:
@@ -210,8 +317,10 @@ class async_chat(asyncore.dispatcher):
                             type(data))
         sabs = self.ac_out_buffer_size
         fifo = self.producer_fifo
-        if not fifo and len(data) <= sabs and self.connected \
-                and _bound_is(self, 'initiate_send', async_chat.initiate_send):
+        f = self.initiate_send if not fifo and len(data) <= sabs \
+            and self.connected else None
+        # _bound_is(self, 'initiate_send', <ours>), inline (a call saved)
+        if type(f) is _MethodType and f.__func__ is _INITIATE_SEND and f.__self__ is self:
             # 3.11's append + initiate_send() on an empty queue, as one step:
             # one self.send(data), and only what it did not take is queued.
             if data:
@@ -383,125 +492,20 @@ class async_chat(asyncore.dispatcher):
 
 
 _loop.register_managed(async_chat, c_mask='async_chat')
-
-
-def handle_read(self, data):
-    # async_chat.handle_read after its recv (named like it: a traceback
-    # through it shows the method's name).  data None: the C method
-    # (csrc/fa_chanio.c) hands over between records, the state in
-    # _fa_in/_fa_pos as each iteration leaves it.
-    if data is None:
-        buf = self._fa_in
-        pos = self._fa_pos
-    else:
-        if isinstance(data, str) and self.use_encoding:
-            data = bytes(str, self.encoding)   # 3.11's latent bug, kept
-        # self.ac_in_buffer = self.ac_in_buffer + data, without the property
-        pos = self._fa_pos
-        buf = self._fa_in
-        if pos:
-            buf = buf[pos:]
-        buf = buf + data if buf else b'' + data
-        self._fa_in = buf
-        self._fa_pos = pos = 0
-        limit = self.max_input_bytes
-        if limit is not None and not self._fa_check_input(buf, pos, limit):
-            return
-
-    # Continue to search for self.terminator in self.ac_in_buffer,
-    # while calling self.collect_incoming_data.  The while loop
-    # is necessary because we might read several data+terminator
-    # combos with a single recv(4096).
-    #
-    # Same steps as 3.11, over buf[pos:] instead of a re-sliced buffer.
-    # Before each callback the offset is stored (so ac_in_buffer reads
-    # right inside it); after it, buf/pos are reloaded (the callback may
-    # have assigned ac_in_buffer or called discard_buffers()).
-    fast = None     # get_terminator() not overridden?  Asked when needed.
-    while len(buf) > pos:
-        lb = len(buf) - pos
-        terminator = self.get_terminator()
-        if not terminator:
-            # no terminator, collect it all
-            self.collect_incoming_data(buf[pos:] if pos else buf)
-            self.ac_in_buffer = b''
-        elif isinstance(terminator, int):
-            # numeric terminator
-            n = terminator
-            if lb < n:
-                self.collect_incoming_data(buf[pos:] if pos else buf)
-                self.ac_in_buffer = b''
-                self.terminator = self.terminator - lb
-            else:
-                self.collect_incoming_data(buf[pos:pos + n])
-                if self._fa_in is buf and self._fa_pos == pos:
-                    self._fa_pos = pos + n
-                else:
-                    self.ac_in_buffer = self.ac_in_buffer[n:]
-                self.terminator = 0
-                self.found_terminator()
-        else:
-            # 3 cases:
-            # 1) end of buffer matches terminator exactly:
-            #    collect data, transition
-            # 2) end of buffer matches some prefix:
-            #    collect data to the prefix
-            # 3) end of buffer does not match any prefix:
-            #    collect data
-            terminator_len = len(terminator)
-            index = buf.find(terminator, pos)
-            if index != -1:
-                # we found the terminator
-                if index > pos:
-                    # don't bother reporting the empty string
-                    # (source of subtle bugs)
-                    self.collect_incoming_data(buf[pos:index])
-                    if self._fa_in is not buf or self._fa_pos != pos:
-                        # The callback replaced the buffer: do what
-                        # 3.11 does to whatever it holds now.
-                        self.ac_in_buffer = self.ac_in_buffer[
-                            index - pos + terminator_len:]
-                        self.found_terminator()
-                        buf = self._fa_in
-                        pos = self._fa_pos
-                        continue
-                self._fa_pos = pos = index + terminator_len
-                # This does the Right Thing if the terminator
-                # is changed here.
-                self.found_terminator()
-                if len(buf) > pos:
-                    if fast is None:
-                        fast = _bound_is(self, 'get_terminator',
-                                         async_chat.get_terminator)
-                    if fast:
-                        self._fa_records(buf, pos, terminator, terminator_len)
-            else:
-                # check for a prefix of the terminator
-                index = _prefix_at_end(buf, pos, terminator)
-                if index:
-                    if index != lb:
-                        # we found a prefix, collect up to the prefix
-                        self.collect_incoming_data(buf[pos:len(buf) - index])
-                        self.ac_in_buffer = self.ac_in_buffer[-index:]
-                    break
-                else:
-                    # no prefix, collect it all
-                    self.collect_incoming_data(buf[pos:] if pos else buf)
-                    self.ac_in_buffer = b''
-        buf = self._fa_in
-        pos = self._fa_pos
-
-
-
-_read_data = handle_read
-del handle_read
+_INITIATE_SEND = async_chat.initiate_send
+# 3.11's signature: handle_read(self)
+async_chat.handle_read.__signature__ = _inspect.signature(
+    async_chat.handle_read).replace(parameters=[_inspect.Parameter(
+        'self', _inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 # ---------------------------------------------------------------------------
 # async_chat.push and handle_read in C (csrc/fa_chanio.c), where asyncore's C
 # methods are installed.  The methods stay the reference: push's C fast
 # branch ends only where the whole message went out in one send on a plain
 # non-blocking socket; handle_read's handles records ended by a bytes
-# terminator and hands everything else to _read_data above.  What follows a
+# terminator and hands everything else to the Python method, called with
+# _fa_data: the bytes its recv returned, or None to continue from the state
+# in _fa_in/_fa_pos at the start of an iteration.  What follows a
 # send that did not take everything, or a failed recv, happens here, in
 # functions named like the methods (an OSError is caught in a frame named as
 # 3.11's).
@@ -550,7 +554,7 @@ def _install_c_methods():
         return False
     async_chat.push, async_chat.handle_read = make(
         async_chat.push, async_chat.initiate_send, _push_rest,
-        async_chat.handle_read, async_chat.get_terminator, _read_data, _read_error)
+        async_chat.handle_read, async_chat.get_terminator, _read_error)
     return True
 
 
