@@ -51,10 +51,12 @@ def test_churning_docs_pattern_map_uses_stateless_poll(backend):
             b.close()
 
 
-def test_idle_managed_map_keeps_the_persistent_poller(backend):
+def test_idle_managed_map_uses_the_persistent_poller(backend):
+    # (the first iterations use a stateless poll: adapt() moves a map of
+    # more than 2 * _SMALL_MAP idle fds to the persistent poller)
     from fastasyncore import asyncore
     m = {}
-    socks = pairs(50)
+    socks = pairs(2 * _loop._SMALL_MAP + 20)
     for a, _ in socks:
         asyncore.dispatcher_with_send(a, map=m)
     try:
