@@ -6,7 +6,8 @@
 #
 # Tests: tests/test_backend.py (the core's interface) and the loop tests that
 # drive the C loop: test_loop_contract.py, test_reliability_faults.py,
-# test_instance_overrides.py, test_cloop.py, test_bad_fd.py, test_services.py and test_chanio.py
+# test_instance_overrides.py, test_cloop.py, test_bad_fd.py, test_services.py, test_chanio.py
+# and test_chatio.py
 # (when present). Both modules
 # are checked to be the instrumented copies, and the loop to be the C one.
 #
@@ -55,7 +56,7 @@ esac
 
 # The C loop's tests (test_cloop.py may not exist in older trees).
 LOOP_TESTS=()
-for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py test_bad_fd.py test_services.py test_chanio.py; do
+for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py test_bad_fd.py test_services.py test_chanio.py test_chatio.py; do
     [ -f "$ROOT/tests/$f" ] && LOOP_TESTS+=("$ROOT/tests/$f")
 done
 echo "tests: test_backend.py ${LOOP_TESTS[*]##*/}"
@@ -151,7 +152,8 @@ or signal_handler_exception or signal_without_exception or two_threads or f4_sin
 or f5_reset or machine or hypothesis or timing \
 or woken_from_another or fixed_rate or skips_missed or idle_timeout or timeout_is_cut \
 or many_timers or errors_are_logged or racing or survives_fork or waits_for_the_timer \
-or never_spins or no_spin or loop_ends_when or c_methods_leak_nothing"
+or never_spins or no_spin or loop_ends_when or c_methods_leak_nothing \
+or chat_methods_leak_nothing"
 
 if [ "$MODE" = valgrind ] || [ "$MODE" = all ]; then
     echo "== valgrind memcheck   [t=$((SECONDS - T0))s]"
