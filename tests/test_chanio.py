@@ -612,11 +612,41 @@ def test_dws_write_event_with_nothing_queued_open_peer(impl):
 # ---------------------------------------------------------------- references
 
 
+def assert_flat(round_, keep):
+    """round_() 2,000 times, then 20,000 more: the object count, the
+    refcounts of the objects in keep and RSS stay flat (the C methods'
+    leak tests)."""
+    import gc
+    import os
+    if sys.platform != "linux":
+        pytest.skip("reads /proc/self/statm")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    # (None is immortal from 3.12: its count says nothing there)
+    keep = [o for o in keep if o is not None or sys.version_info < (3, 12)]
+    for _ in range(2000):
+        round_()
+    gc.collect()
+    refs = [sys.getrefcount(o) for o in keep]
+    objs = len(gc.get_objects())
+    mem = rss()
+    for _ in range(20000):
+        round_()
+    gc.collect()
+    assert [sys.getrefcount(o) for o in keep] == refs
+    assert len(gc.get_objects()) - objs < 100
+    # (under ASan freed memory sits in its quarantine: RSS says nothing)
+    if "asan" not in os.environ.get("LD_PRELOAD", "") and \
+            os.environ.get("PYTHONMALLOC") != "malloc":
+        assert rss() - mem < 4 * 1024 * 1024
+
+
 def test_c_methods_leak_nothing(backend):
     """Every path of the C methods, 20,000 rounds: object count, the
     refcounts of the objects passed in and RSS stay flat."""
-    import gc
-    import os
     from fastasyncore import asyncore
     if not (backend.NAME == "cffi" and asyncore._C_METHODS):
         pytest.skip("the C methods run on the cffi backend only")
@@ -625,10 +655,6 @@ def test_c_methods_leak_nothing(backend):
     ch = asyncore.dispatcher_with_send(a, map={})
     msg, ba, big = b"m" * 64, bytearray(b"n" * 32), b"B" * 20000
     keep = (msg, ba, big, None, ch)
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def drain():
         try:
@@ -661,27 +687,8 @@ def test_c_methods_leak_nothing(backend):
             pass
         d.close()
 
-    if sys.platform != "linux":
-        pytest.skip("reads /proc/self/statm")
     try:
-        for _ in range(2000):
-            round_()
-        gc.collect()
-        refs = [sys.getrefcount(o) for o in keep]
-        objs = len(gc.get_objects())
-        mem = rss()
-        for _ in range(20000):
-            round_()
-        gc.collect()
-        if sys.version_info < (3, 12):              # immortal None from 3.12
-            assert [sys.getrefcount(o) for o in keep] == refs
-        else:
-            assert [sys.getrefcount(o) for o in keep][:3] == refs[:3]
-        assert len(gc.get_objects()) - objs < 100
-        # (under ASan freed memory sits in its quarantine: RSS says nothing)
-        if "asan" not in os.environ.get("LD_PRELOAD", "") and \
-                os.environ.get("PYTHONMALLOC") != "malloc":
-            assert rss() - mem < 4 * 1024 * 1024
+        assert_flat(round_, keep)
     finally:
         ch.close()
         b.close()
