@@ -68,3 +68,30 @@ def test_idle_managed_map_uses_the_persistent_poller(backend):
         asyncore.close_all(map=m)
         for _, b in socks:
             b.close()
+
+
+def test_new_map_starts_with_the_stateless_poll(backend):
+    # registering every fd with epoll costs a syscall per fd and per change
+    # that a short-lived client loop never earns back: adapt() decides later
+    from fastasyncore import asyncore
+    if not _loop._can_poll_list():
+        import pytest
+        pytest.skip("no poll(2) here: the persistent poller from the start")
+    m = {}
+    socks = pairs(40)
+    for a, _ in socks:
+        asyncore.dispatcher_with_send(a, map=m)
+    try:
+        asyncore.loop(timeout=0, use_poll=True, map=m, count=1)
+        st = _loop._states[id(m)]
+        assert st.poller is None
+        socks[0][1].send(b"x")              # and it still dispatches
+        got = []
+        d = m[socks[0][0].fileno()]
+        d.handle_read = lambda: got.append(d.recv(10))
+        asyncore.loop(timeout=0.5, use_poll=True, map=m, count=2)
+        assert got == [b"x"]
+    finally:
+        asyncore.close_all(map=m)
+        for _, b in socks:
+            b.close()
