@@ -72,7 +72,7 @@ static struct {
     PyObject *socket, *timeout, *fileno, *debug, *fa_out, *nbytes,
         *initiate_send, *send, *recv, *func, *self_, *obs, *fifo,
         *connected, *ibs, *fa_in, *fa_pos, *max_in, *get_terminator,
-        *terminator, *collect, *found, *ac_in_buffer, *fa_data;
+        *terminator, *collect, *found, *ac_in_buffer;
 } N;
 
 static int g_on;                    /* the cffi backend is active */
@@ -568,19 +568,12 @@ call1(PyObject *self, PyObject *name, PyObject *arg)
     return PyObject_CallMethodObjArgs(self, name, arg, NULL);
 }
 
-/* The Python method, handle_read(self, _fa_data=data): data, the bytes its
- * recv would have returned, or None: continue from _fa_in/_fa_pos. */
+/* The Python method, handle_read(self, data): data, the bytes its recv
+ * would have returned, or None: continue from _fa_in/_fa_pos. */
 static PyObject *
 read_rest(PyObject *self, PyObject *data)
 {
-    PyObject *t, *kw, *r = NULL;
-    if (!(t = PyTuple_Pack(1, self)))
-        return NULL;
-    if ((kw = PyDict_New()) != NULL && PyDict_SetItem(kw, N.fa_data, data) == 0)
-        r = PyObject_Call(g_py_read, t, kw);
-    Py_DECREF(t);
-    Py_XDECREF(kw);
-    return r;
+    return PyObject_CallFunctionObjArgs(g_py_read, self, data, NULL);
 }
 
 /* async_chat.handle_read after its recv, for bytes terminators: each record
@@ -824,7 +817,6 @@ fa_chan_methods(PyObject *module, PyObject *args)
     INTERN(collect, "collect_incoming_data");
     INTERN(found, "found_terminator");
     INTERN(ac_in_buffer, "ac_in_buffer");
-    INTERN(fa_data, "_fa_data");
     if (!g_zero && !(g_zero = PyLong_FromLong(0)))
         return NULL;
     /* `object` as the descriptors' class: they accept any self, as the

@@ -144,9 +144,11 @@ class async_chat(asyncore.dispatcher):
     # check for the terminator,
     # if found, transition to the next state.
 
-    def handle_read(self, *, _fa_data=_RECV):
+    def handle_read(self, _fa_data=_RECV):
         # (_fa_data: the C method's entry, see _install_c_methods(); not
-        # part of the API, and hidden from inspect.signature)
+        # part of the API, and hidden from inspect.signature.  Positional:
+        # 3.11 specializes calls of functions with defaults, not those with
+        # keyword-only parameters)
         if _fa_data is None:
             # the C method hands over between records, the state in
             # _fa_in/_fa_pos as each iteration leaves it
@@ -504,11 +506,11 @@ async_chat.handle_read.__signature__ = _inspect.signature(
 # branch ends only where the whole message went out in one send on a plain
 # non-blocking socket; handle_read's handles records ended by a bytes
 # terminator and hands everything else to the Python method, called with
-# _fa_data: the bytes its recv returned, or None to continue from the state
-# in _fa_in/_fa_pos at the start of an iteration.  What follows a
-# send that did not take everything, or a failed recv, happens here, in
-# functions named like the methods (an OSError is caught in a frame named as
-# 3.11's).
+# _fa_data (positional): the bytes its recv returned, or None to continue
+# from the state in _fa_in/_fa_pos at the start of an iteration.  What
+# follows a send that did not take everything, or a failed recv, happens
+# here, in functions named like the methods (an OSError is caught in a frame
+# named as 3.11's).
 # ---------------------------------------------------------------------------
 
 
