@@ -593,7 +593,7 @@ read_data(PyObject *self, PyObject *data)
     const char *p, *hit;
     int t;
 
-    /* the reference's reads before its loop: _fa_pos, _fa_in,
+    /* what the reference reads before its loop: _fa_in, _fa_pos,
      * max_input_bytes (then get_terminator, in the loop) */
     if (!PyBytes_CheckExact(data) || !(v = PyObject_GetAttr(self, N.fa_in)))
         goto python_data;
