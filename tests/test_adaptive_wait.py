@@ -15,6 +15,16 @@ def pairs(n):
     return out
 
 
+def assert_dispatches(asyncore, m, socks):
+    """A byte from the first pair's peer is read by its channel."""
+    got = []
+    d = m[socks[0][0].fileno()]
+    d.handle_read = lambda: got.append(d.recv(10))
+    socks[0][1].send(b"x")
+    asyncore.loop(timeout=0.5, use_poll=True, map=m, count=2)
+    assert got == [b"x"]
+
+
 def test_churning_docs_pattern_map_uses_stateless_poll(backend):
     from fastasyncore import asyncore
     m = {}
@@ -38,13 +48,7 @@ def test_churning_docs_pattern_map_uses_stateless_poll(backend):
         assert st.poller is None            # switched to the stateless poll, early
         asyncore.loop(timeout=0, use_poll=True, map=m, count=_loop._ADAPT_EVERY * 2)
         assert st.poller is None            # and stays there
-        # ...and it still dispatches: a byte from a peer is read.
-        got = []
-        d = m[socks[0][0].fileno()]
-        d.handle_read = lambda: got.append(d.recv(10))
-        socks[0][1].send(b"x")
-        asyncore.loop(timeout=0.5, use_poll=True, map=m, count=2)
-        assert got == [b"x"]
+        assert_dispatches(asyncore, m, socks)
     finally:
         asyncore.close_all(map=m)
         for _, b in socks:
@@ -85,12 +89,7 @@ def test_new_map_starts_with_the_stateless_poll(backend):
         asyncore.loop(timeout=0, use_poll=True, map=m, count=1)
         st = _loop._states[id(m)]
         assert st.poller is None
-        socks[0][1].send(b"x")              # and it still dispatches
-        got = []
-        d = m[socks[0][0].fileno()]
-        d.handle_read = lambda: got.append(d.recv(10))
-        asyncore.loop(timeout=0.5, use_poll=True, map=m, count=2)
-        assert got == [b"x"]
+        assert_dispatches(asyncore, m, socks)
     finally:
         asyncore.close_all(map=m)
         for _, b in socks:
