@@ -403,9 +403,12 @@ class MapState:
         3.74 over 100, the docs pattern (writable() toggling) 7.8 -> 5.7:
         all with poll(2).  So small maps, and maps where most fds are ready
         or change every iteration, use the stateless poll (which is what
-        3.11 does, in C); large maps of mostly idle channels keep the
-        persistent poller, which wins there by far (8,000 idle channels:
-        ~1 us per iteration instead of milliseconds).
+        3.11 does, in C); large maps of mostly idle channels move to (or,
+        above _REBUILD_MAX_FDS, start with) the persistent poller, which wins
+        there by far (8,000 idle channels: ~1 us per iteration instead of
+        milliseconds).  A map starts with the stateless poll (__init__), and
+        the two thresholds below leave a band where either mode stays: a map
+        of 33 to 64 idle fds keeps the stateless poll it started with.
         """
         if self.iters:
             chg = self.nchg / self.iters
