@@ -244,13 +244,13 @@ def test_poll2_truncates_to_milliseconds(impl):
     make_recorder(asyncore, [], "a", readable=True, writable=False)(s, map=m)
     try:
         t0 = time.monotonic()
-        for _ in range(20):
+        for _ in range(50):
             asyncore.poll2(0.0009, m)      # int(0.9) == 0 ms
-        fast = time.monotonic() - t0
+        fast = time.monotonic() - t0       # >= 45 ms if each call waited
         t0 = time.monotonic()
         asyncore.poll2(0.05, m)
         slow = time.monotonic() - t0
-        assert fast < 0.015
+        assert fast < 0.03
         assert slow >= 0.04
     finally:
         asyncore.close_all(map=m)
