@@ -180,7 +180,16 @@ def test_own_predicate_detection(backend):
         assert _loop._classify(other_bound) == (False, True, False)
         assert _loop._classify(self_bound) == (False, False, True)
         # Not managed: an instance assignment could not reach the loop.
-        assert _loop._classify(chan(Alias))[0] is False
+        alias = chan(Alias)
+        assert _loop._classify(alias) == (False, False, False)
+        # ... so the instance is looked at: a plain instance attribute
+        alias.writable = lambda: False
+        assert _loop._classify(alias) == (False, False, True)
+        # ... and through the descriptor that readable still is
+        alias.readable = lambda: True
+        assert _loop._classify(alias) == (False, True, True)
+        del alias.readable
+        assert _loop._classify(alias) == (False, False, True)
         del lam.writable
         assert _loop._classify(lam) == (True, False, False)
         assert _loop.bound_is(plain, "send", asyncore.dispatcher_with_send.send)

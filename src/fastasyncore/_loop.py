@@ -80,6 +80,21 @@ _class_cache: Dict[type, Tuple[bool, bool, bool]] = {}
 INHERITED: Any = type("_Inherited", (), {"__repr__": lambda self: "<inherited>"})()
 
 
+class WatchedPredicate:
+    """Base of the API module's readable/writable data descriptors: an
+    instance's own predicate is kept in the attribute named ``_slot``
+    (INHERITED when it has none), and assigning one calls reclassify()."""
+
+    __slots__ = ()
+    _slot: str
+
+
+# class -> (slot of readable, slot of writable): the attribute where a
+# WatchedPredicate keeps an instance's override, or None where the class's
+# predicate is something else (cleared with _class_cache)
+_slot_cache: Dict[type, Tuple[Optional[str], Optional[str]]] = {}
+
+
 #: _fa_mask functions the C loop computes itself instead of calling them
 #: (fa_cloop.c's c_mask(): the same attribute reads, in the same order):
 #: function -> 1 (dispatcher), 2 (dispatcher_with_send), 3 (async_chat).
@@ -92,6 +107,7 @@ def register_managed(cls: type, c_mask: Optional[str] = None) -> None:
     (which the C loop may compute as ``c_mask`` describes)."""
     _MANAGED_TRIPLES.add((cls.readable, cls.writable, cls._fa_mask))
     _class_cache.clear()
+    _slot_cache.clear()
     if c_mask is not None:
         C_MASKS[cls.__dict__["_fa_mask"]] = _C_MASK_KINDS[c_mask]
     _states_changed()
@@ -176,10 +192,36 @@ def reclassify(obj: Any) -> None:
             _wake(st)
 
 
+def _slots(cls: type) -> Tuple[Optional[str], Optional[str]]:
+    try:
+        return _slot_cache[cls]
+    except KeyError:
+        pass
+    r, w = (_static_attr(cls, n) for n in ("readable", "writable"))
+    res = (r._slot if isinstance(r, WatchedPredicate) else None,
+           w._slot if isinstance(w, WatchedPredicate) else None)
+    _slot_cache[cls] = res
+    return res
+
+
+def _own(obj: Any, slot: Optional[str], name: str) -> bool:
+    """Has obj its own readable/writable (``name``)?  Where the class's is a
+    WatchedPredicate, its slot says so (every assignment goes through the
+    descriptor); else bound_is() decides (a getattr and a bound method:
+    ~1 us each, twice per channel a loop adopts)."""
+    if slot is not None:
+        return getattr(obj, slot, INHERITED) is not INHERITED
+    return _instance_overrides(obj, name)
+
+
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
-    managed, call_r, call_w = _classify_class(type(obj))
-    own_r = _instance_overrides(obj, "readable")
-    own_w = _instance_overrides(obj, "writable")
+    cls = type(obj)
+    managed, call_r, call_w = _classify_class(cls)
+    slot_r, slot_w = _slots(cls)
+    # a predicate already asked needs no look at the instance: its own one
+    # is found by the call (and managed is False whenever one is asked)
+    own_r = not call_r and _own(obj, slot_r, "readable")
+    own_w = not call_w and _own(obj, slot_w, "writable")
     if own_r or own_w:
         return False, call_r or own_r, call_w or own_w
     return managed, call_r, call_w

@@ -200,7 +200,7 @@ def _fast_fd(sock):
     return -1
 
 
-class _managed_predicate:
+class _managed_predicate(_loop.WatchedPredicate):
     """``readable``/``writable`` of our managed classes (see _loop.py).
 
     A data descriptor, so that a hook assigned on an instance
