@@ -228,6 +228,30 @@ def test_send_returns_count_and_delivers(impl, kind):
         b.close()
 
 
+def test_send_and_recv_use_the_sockets_own_fd_and_timeout(impl):
+    """socket.send/recv use the socket's own fd and timeout, whatever
+    socket.socket.fileno/gettimeout were patched to (the C methods call the
+    C type's own, as socket.send does)."""
+    ch, a, b = pair(impl)
+    other, other_peer = socket.socketpair()
+    ofd = other.fileno()
+    try:
+        with mock.patch.object(socket.socket, "fileno", lambda self: ofd), \
+                mock.patch.object(socket.socket, "gettimeout", lambda self: 5.0):
+            assert ch.send(b"hello") == 5
+            b.sendall(b"back")
+            assert ch.recv(100) == b"back"
+        assert drain(b, 5) == b"hello"
+        other_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_peer.recv(100)             # nothing went to the other socket
+    finally:
+        ch.close()
+        b.close()
+        other.close()
+        other_peer.close()
+
+
 def test_send_keyword_argument(impl):
     ch, a, b = pair(impl)
     try:
