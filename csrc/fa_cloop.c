@@ -59,13 +59,13 @@ static struct {
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
         *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
-        *calls, *ready, *due, *cvec, *cvec_on, *consult, *cchanged;
+        *calls, *ready, *due, *cvec;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
 static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
-    *g_sleep, *g_state, *g_cmasks, *g_route_fault, *g_svc_run;
+    *g_sleep, *g_state, *g_cmasks, *g_route_fault, *g_svc_run, *g_ask;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
 static fa_poll_fn g_poll;      /* the core's fa_poll_once */
 /* _loop.forget_all() / fork: bumped by states_changed(), so a run() holding
@@ -1269,14 +1269,140 @@ ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
     return 0;
 }
 
+/* MapState._consult_vec() after its _ask() call: every consulted channel
+ * overrides the same one predicate (st.cvec, set by snapshot()), and one
+ * comprehension in Python asks them all -- its Python-to-Python calls cost
+ * ~300 instructions a channel where a call from C costs ~800 (pp_docs_100:
+ * two per message).  Here the answers are compared with the last pass's
+ * (st.cprev: the masks are small ints, so mostly an identity test) and only
+ * the changed ones are looked at, as _consult_vec() does. */
+static int
+consult_vec(loopst *c, int select_mode)
+{
+    PyObject *vec, *fds, *objs, *masks = NULL, *prev = NULL, *pm = NULL,
+        *sm = select_mode ? Py_True : Py_False, *key, *p;
+    Py_ssize_t i, n, nstateless = 0;
+    int rc = -1, stateless, s;
+
+    if (!(vec = PyObject_GetAttr(c->st, S.cvec)))
+        return -1;
+    if (!PyTuple_Check(vec) || PyTuple_Size(vec) != 4 ||
+        !PyTuple_Check(fds = PyTuple_GetItem(vec, 1)) ||
+        !PyTuple_Check(objs = PyTuple_GetItem(vec, 2)) ||
+        (n = PyTuple_Size(fds)) != PyTuple_Size(objs)) {
+        PyErr_SetString(PyExc_TypeError, "bad MapState.cvec");
+        goto out;
+    }
+    /* fds, objs: borrowed from vec, which we hold */
+    masks = PyObject_CallFunctionObjArgs(g_ask, PyTuple_GetItem(vec, 0), objs, sm, NULL);
+    if (masks == NULL)
+        goto out;
+    if (!PyList_Check(masks) || PyList_Size(masks) != n) {
+        PyErr_SetString(PyExc_TypeError, "_ask() must return a list of masks");
+        goto out;
+    }
+    /* read after the answers: a predicate may have run a nested loop on
+     * this map (which may have reset it) */
+    if (!(prev = PyObject_GetAttr(c->st, S.cprev)))
+        goto out;
+    if (PyTuple_Check(prev) && PyTuple_Size(prev) == 2) {
+        s = PyObject_IsTrue(PyTuple_GetItem(prev, 0));
+        if (s < 0)
+            goto out;
+        pm = PyTuple_GetItem(prev, 1);
+        if (s != select_mode || !PyList_Check(pm) || PyList_Size(pm) != n)
+            pm = NULL;              /* borrowed from prev, which we hold */
+    }
+    if (!(key = PyTuple_Pack(2, sm, masks)))
+        goto out;
+    s = PyObject_SetAttr(c->st, S.cprev, key);
+    Py_DECREF(key);
+    if (s < 0)
+        goto out;
+    if (!(p = PyObject_GetAttr(c->st, S.poller)))
+        goto out;
+    Py_DECREF(p);                       /* compared with None only */
+    stateless = p == Py_None;
+    for (i = 0; i < n; i++) {
+        /* borrowed: masks, fds and objs are held here; the list is ours
+         * (and st.cprev's, which no Python code mutates) */
+        PyObject *mo = PyList_GetItem(masks, i), *fd, *obj, *mv;
+        long m, cur;
+        if (mo == NULL)
+            goto out;
+        if (pm != NULL) {
+            PyObject *q = PyList_GetItem(pm, i);
+            if (q == mo)
+                continue;               /* the same small int: unchanged */
+            if ((s = PyObject_RichCompareBool(q, mo, Py_EQ)) != 0) {
+                if (s < 0)
+                    goto out;
+                continue;
+            }
+        }
+        fd = PyTuple_GetItem(fds, i);
+        m = PyLong_AsLong(mo);
+        if (m == -1 && PyErr_Occurred())
+            goto out;
+        mv = PyDict_GetItemWithError(c->mask, fd);
+        if (mv == NULL && PyErr_Occurred())
+            goto out;
+        cur = mv ? PyLong_AsLong(mv) : 0;
+        if (cur == -1 && PyErr_Occurred())
+            goto out;
+        if (cur == m)
+            continue;
+        if (cur && m) {
+            s = PyDict_SetItem(c->mask, fd, mo);
+            /* as consult()'s loop: the batch is for a persistent poller */
+            if (s == 0 && stateless)
+                nstateless++;
+            else if (s == 0)
+                s = PyDict_SetItem(c->batch, fd, mo);
+            if (s < 0)
+                goto out;
+        } else {
+            /* a first registration or a removal, unless an earlier answer
+             * closed this channel: _set_mask() */
+            PyObject *o = PyDict_GetItemWithError(c->owner, fd), *r;
+            if (o == NULL && PyErr_Occurred())
+                goto out;
+            obj = PyTuple_GetItem(objs, i);
+            if (o != obj)
+                continue;
+            r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, mo, NULL);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    if (nstateless) {                   /* flush()'s count of them */
+        long nchg;
+        if (attr_long(c->st, S.nchg, &nchg) < 0 || !(p = PyLong_FromLong(nchg + nstateless)))
+            goto out;
+        s = PyObject_SetAttr(c->st, S.nchg, p);
+        Py_DECREF(p);
+        if (s < 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    Py_XDECREF(prev);
+    Py_XDECREF(masks);
+    Py_DECREF(vec);
+    return rc;
+}
+
 /* MapState.consult()'s plain loop: ask the channels that override a
- * predicate, in map order, as 3.11 does; record changed answers. */
+ * predicate, in map order, as 3.11 does; record changed answers.  Where
+ * they all override the same one (st.cvec) and none is suspended,
+ * consult_vec() instead. */
 static int
 consult(loopst *c, int select_mode)
 {
     PyObject *snap, *cprev, *p;
-    Py_ssize_t i, n, nstateless = 0, changed = 0;
-    int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless, s, has_vec;
+    Py_ssize_t i, n, nstateless = 0;
+    int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless, s;
 
     if (!(snap = PyObject_GetAttr(c->st, S.csnap)))
         return -1;
@@ -1289,38 +1415,12 @@ consult(loopst *c, int select_mode)
         PyErr_SetString(PyExc_TypeError, "MapState.csnap must be a tuple");
         goto out;
     }
-    /* st.cvec (set by snapshot()): every consulted channel overrides the
-     * same one predicate.  While their answers are mostly stable
-     * (st.cvec_on) MapState.consult()'s vectorized pass is the cheaper one:
-     * one list comprehension, whose Python-to-Python calls cost less than
-     * calls from C (4,000 idle channels overriding writable(): 143 vs 254 us
-     * per iteration).  Where most answers flip (ping-pong) the loop below
-     * is; it hands back to the vectorized pass as consult() does. */
     if (!(p = PyObject_GetAttr(c->st, S.cvec)))
         goto out;
     Py_DECREF(p);                       /* compared with None only */
-    has_vec = p != Py_None;
-    if (has_vec && !PyDict_Size(c->suspended)) {
-        if ((s = attr_true(c->st, S.cvec_on)) < 0)
-            goto out;
-        if (s) {
-            p = PyObject_CallMethodObjArgs(c->st, S.consult,
-                                           select_mode ? Py_True : Py_False, NULL);
-            long ch;
-            if (p == NULL)
-                goto out;
-            Py_DECREF(p);
-            /* more than 1 in 8 answers changed: this loop from the next
-             * iteration on (consult() itself leaves at 1 in 4, which suits
-             * the Python loop's plain pass, not this one) */
-            if (attr_long(c->st, S.cchanged, &ch) < 0)
-                goto out;
-            if (ch * 8 > PyTuple_Size(snap) &&
-                PyObject_SetAttr(c->st, S.cvec_on, Py_False) < 0)
-                goto out;
-            rc = 0;
-            goto out;
-        }
+    if (p != Py_None && !PyDict_Size(c->suspended)) {
+        rc = consult_vec(c, select_mode);
+        goto out;
     }
     /* consult()'s vectorized pass compares with the answers it saw last;
      * the answers asked here make those stale */
@@ -1362,7 +1462,6 @@ consult(loopst *c, int select_mode)
             goto out;
         if (cur == m)
             continue;
-        changed++;
         if (cur && m) {
             PyObject *v = PyLong_FromLong(m);
             s = v ? PyDict_SetItem(c->mask, fd, v) : -1;
@@ -1394,9 +1493,6 @@ consult(loopst *c, int select_mode)
             Py_DECREF(r);
         }
     }
-    if (has_vec && changed * 8 <= n &&      /* mostly stable: vectorize again */
-        PyObject_SetAttr(c->st, S.cvec_on, Py_True) < 0)
-        goto out;
     if (nstateless) {                   /* flush()'s count of them */
         long nchg;
         PyObject *v;
@@ -1787,6 +1883,7 @@ cloop_configure(PyObject *self, PyObject *args)
         set_ref(&g_sleep, getattr_s(mod, "_sleep")) < 0 ||
         set_ref(&g_route_fault, getattr_s(mod, "_route_fault")) < 0 ||
         set_ref(&g_svc_run, getattr_s(mod, "_svc_run")) < 0 ||
+        set_ref(&g_ask, getattr_s(mod, "_ask")) < 0 ||
         set_ref(&g_monotonic, getattr_s(mod, "_monotonic")) < 0 ||
         set_ref(&g_state, getattr_s(mod, "_state")) < 0 ||
         set_ref(&g_cmasks, getattr_s(mod, "C_MASKS")) < 0)
@@ -1851,9 +1948,6 @@ PyInit__cloop(void)
     INTERN(ready, "ready");
     INTERN(due, "due");
     INTERN(cvec, "cvec");
-    INTERN(cvec_on, "cvec_on");
-    INTERN(consult, "consult");
-    INTERN(cchanged, "cchanged");
     INTERN(handle_error, "handle_error");
     INTERN(fa_mask, "_fa_mask");
     INTERN(fa_regmask, "_fa_regmask");

@@ -19,6 +19,7 @@ Timing-sensitive tests have "timing" in their name (tests/sanitize.sh
 deselects them under valgrind).
 """
 
+import contextlib
 import errno
 import gc
 import importlib
@@ -652,6 +653,88 @@ def test_oserror_with_a_bad_errno_attribute(wait, socks, exc_cls, escapes):
 
 # ---------------------------------------------------------------------------
 # d. handlers that pull the rug: the map, channels, sockets, nested loops
+
+def _flipping_docs(asyncore, n, socks):
+    """n docs-pattern channels (writable() only) whose answers flip at every
+    call, half of them in each phase; -> (map, channels, asked, wrote)."""
+    m, asked, wrote = {}, {}, {}
+
+    class Flip(asyncore.dispatcher):
+        def writable(self):
+            asked[self.n] += 1
+            if self.hook is not None:
+                self.hook()
+            self.on = not self.on
+            return self.on
+
+        def handle_write(self):
+            wrote[self.n] += 1
+
+    chans = []
+    for i in range(n):
+        a, _ = socks.pair()
+        c = Flip(a, map=m)
+        c.n, c.on, c.hook = i, bool(i % 2), None
+        asked[i] = wrote[i] = 0
+        chans.append(c)
+    return m, chans, asked, wrote
+
+
+@pytest.mark.parametrize("which", ["c", "py", "stdlib"])
+def test_vectorized_consult_over_many_iterations(which, use_poll, socks):
+    """30 channels that all override writable() only (the C loop asks them
+    in one comprehension and compares the answers in C), answers flipping
+    every iteration, 80 iterations in one loop() call with the wait left
+    adaptive (past the first iterations, which are prepared in Python):
+    each channel is asked once per iteration, and each True answer is
+    honoured in that iteration's wait -- as 3.11 does."""
+    if which == "stdlib":
+        from conftest import _stdlib
+        asyncore = _stdlib()[0]
+        ctx = contextlib.nullcontext(asyncore)
+    else:
+        ctx = _Switch(which)
+    with ctx as asyncore:
+        assert _loop._force_mode is None
+        m, chans, asked, wrote = _flipping_docs(asyncore, 30, socks)
+        try:
+            asyncore.loop(timeout=5, use_poll=use_poll, map=m, count=80)
+        finally:
+            asyncore.close_all(map=m)
+    assert asked == {n: 80 for n in range(30)}
+    assert wrote == {n: 40 for n in range(30)}
+
+
+def test_vectorized_consult_predicate_closes_a_channel_or_raises(aco, use_poll, socks):
+    """The same map: a writable() that closes another channel (the victim is
+    still asked in that iteration, as 3.11 asks every channel of its
+    snapshot, then never served), and a writable() that raises (out of
+    loop(), as in 3.11; the next loop() serves every channel again)."""
+    m, chans, asked, wrote = _flipping_docs(aco, 12, socks)
+    it = [0]
+
+    def hook():
+        it[0] += 1
+        if it[0] == 20:
+            chans[5].close()
+        if it[0] == 30:
+            raise ValueError("boom")
+
+    chans[0].hook = hook
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            aco.loop(timeout=5, use_poll=use_poll, map=m, count=60)
+        assert chans[5] not in m.values() and len(m) == 11
+        assert asked[5] == 20 and wrote[5] == 9     # True at iterations 2..18
+        # iterations 1..29 waited: 15 True answers (odd n: 14)
+        assert all(wrote[n] == (14 if n % 2 else 15) for n in wrote if n != 5)
+        before = dict(wrote)
+        aco.loop(timeout=5, use_poll=use_poll, map=m, count=20)
+        assert all(wrote[n] - before[n] == 10 for n in wrote if n != 5)
+        assert wrote[5] == 9
+    finally:
+        aco.close_all(map=m)
+
 
 def test_handler_clears_the_whole_map(aco, use_poll, wait, socks):
     asyncore = aco

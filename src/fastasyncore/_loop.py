@@ -281,6 +281,21 @@ def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tu
             tuple((e[0], e[1]) for e in snap))
 
 
+def _ask(which: str, objs: Tuple[Any, ...], select_mode: bool) -> List[int]:
+    """The vectorized consult's question (MapState._consult_vec, and
+    fa_cloop.c's consult_vec): each channel's mask in map order, asking the
+    one predicate they all override (``which``: "w" writable, "r" readable)
+    and reading ``accepting`` where 3.11 reads it.  One comprehension: its
+    Python-to-Python calls cost less than calls from C."""
+    if which == "w":
+        return [(_READ if o.accepting else _RW) if o.writable() else _READ
+                for o in objs]
+    extra = POLLPRI if select_mode else 0
+    w_only = extra | POLLOUT
+    return [(_READ if o.accepting else _RW) if o.readable()
+            else (extra if o.accepting else w_only) for o in objs]
+
+
 def _check_key(fd: Any) -> None:
     # What Poller.modify() checks, for keys that reach only poll_list().
     if not isinstance(fd, int):
@@ -298,7 +313,7 @@ class MapState:
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
                  "spoll", "sreg", "disp", "dead", "faults", "svc", "wake",
-                 "wakefd", "cchanged", "__weakref__")
+                 "wakefd", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -328,7 +343,6 @@ class MapState:
         self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]] = None
         self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last masks (_consult_vec)
         self.cvec_on = True                   # use cvec (see consult())
-        self.cchanged = 0                     # answers the last vectorized pass changed
         self.full = True                      # reconcile every fd of the map
         self.thread: Any = None     # thread inside poll_once (an int), or aio._SERVING
         self.suspended: Dict[Any, float] = {}  # fd -> monotonic time to resume
@@ -645,8 +659,7 @@ class MapState:
         vec = self.cvec
         if vec is not None and not self.suspended:
             if self.cvec_on:
-                # (cchanged: fa_cloop.c's consult() leaves this pass sooner)
-                self.cchanged = changed = self._consult_vec(vec, select_mode)
+                changed = self._consult_vec(vec, select_mode)
                 if changed * 4 > len(vec[1]):
                     self.cvec_on = False    # most answers flip: one by one is cheaper
                 return
@@ -767,22 +780,15 @@ class MapState:
     def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]],
                      select_mode: bool) -> int:
         # Every consulted channel overrides the same one predicate (the docs
-        # pattern: writable() only).  Ask them all in one comprehension, in
-        # map order, that yields each channel's mask (consult()'s: the
-        # predicate's truthiness taken once, accepting read where 3.11 reads
-        # it), and only look at the channels whose mask changed since the
+        # pattern: writable() only).  Ask them all in one comprehension
+        # (_ask()) and only look at the channels whose mask changed since the
         # last iteration.  -> how many changed (0 when there was no previous
         # pass to compare with).  Cheaper than the plain loop in consult()
         # unless most answers flip every iteration, hence consult()'s switch.
+        # (fa_cloop.c's consult_vec() is this method after the _ask() call,
+        # in C, where it is the cheaper pass whatever the answers do.)
         which, fds, objs, pairs = vec
-        if which == "w":
-            masks = [(_READ if o.accepting else _RW) if o.writable() else _READ
-                     for o in objs]
-        else:
-            extra = POLLPRI if select_mode else 0
-            w_only = extra | POLLOUT
-            masks = [(_READ if o.accepting else _RW) if o.readable()
-                     else (extra if o.accepting else w_only) for o in objs]
+        masks = _ask(which, objs, select_mode)
         prev = self.cprev
         key = (select_mode, masks)
         if prev is not None and prev[0] == select_mode:
@@ -1416,6 +1422,8 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                         # consult()'s plain loop, inline (few consulted
                         # channels, none suspended: the light path's terms)
                         sp = st.spoll if st.poller is None else None
+                        sreg = st.sreg
+                        nd = 0
                         for cfd, cobj, call_r, call_w in snap:
                             if not call_r or cobj.readable():
                                 if not call_w or cobj.writable():
@@ -1434,12 +1442,14 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                                         batch[cfd] = m
                                     else:
                                         sp.register(cfd, m)
-                                        st.sreg[cfd] = m
-                                        st.nchg += 1
+                                        sreg[cfd] = m
+                                        nd += 1
                                 elif owner.get(cfd) is cobj:  # not closed meanwhile
                                     st._set_mask(cfd, m)
-                        if sp is not None and st.spoll is not sp:
-                            st._direct_lost(sp)
+                        if sp is not None:
+                            st.nchg += nd
+                            if st.spoll is not sp:
+                                st._direct_lost(sp)
                         # (st.cprev only matters to the vectorized pass)
                     if pending or len(map) != len(owner):
                         st.reconcile()
@@ -1542,7 +1552,7 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                             obj.handle_error()
                         if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                             pending.add(fd)
-                elif ev == POLLOUT and mask.get(fd, 0) & POLLOUT:
+                elif ev == POLLOUT:     # (registered for it: see _dispatch)
                     if map.get(fd) is obj:
                         try:
                             obj.handle_write_event()
@@ -1643,8 +1653,15 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if obj is None:
                 continue
             if ev != POLLIN:
-                # (POLLIN alone, the common case: the kernel reports it only
-                # for fds registered for it, so the mask test is moot.)
+                # (POLLIN alone or POLLOUT alone, the common cases: the kernel
+                # -- and the pure poller's stand-ins for it -- reports them
+                # only for fds registered for them, so the mask test is moot.)
+                if ev == POLLOUT:
+                    if writes is None:
+                        writes = [(fd, obj)]
+                    else:
+                        writes.append((fd, obj))
+                    continue
                 if ev & _FAULT:
                     # a refused fd: routed in the read pass (as in C)
                     if map.get(fd) is obj:
@@ -1653,13 +1670,6 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
                             pending.add(fd)
                     continue
                 m = ctx[1](fd, 0)
-                if ev == POLLOUT:
-                    if m & POLLOUT:
-                        if writes is None:
-                            writes = [(fd, obj)]
-                        else:
-                            writes.append((fd, obj))
-                    continue
                 if ev & POLLNVAL:
                     # select() would fail with EBADF; poll() reports NVAL.
                     # Let the dispatcher see it as a read (its recv then
