@@ -654,7 +654,11 @@ class MapState:
 
     def consult(self, select_mode: bool) -> None:
         """Ask consulted channels, as 3.11 does, and record changed answers.
-        (fa_cloop.c's consult() is the plain loop below, in C.)"""
+        (fa_cloop.c's consult() is the plain loop below, in C; where every
+        consulted channel overrides the same one predicate it always takes
+        the vectorized pass, consult_vec(): there the comparing is in C, so
+        flipping answers cost no more than stable ones, and cvec_on -- this
+        method's switch -- is not used.)"""
         snap = self.snapshot()
         vec = self.cvec
         if vec is not None and not self.suspended:
