@@ -611,6 +611,64 @@ c_mask(PyObject *obj)
     }
 }
 
+/* fd -> the key object dispatch looks the fd up with (owner, map,
+ * consulted).  Those dicts hold the map's own key objects; an int above
+ * 256 made here with PyLong_FromLong() is another object of equal value,
+ * and every lookup with it compares values (an allocation and three value
+ * comparisons per event: ~300 instructions, the W4 client's fds are all
+ * above 256).  So the consult remembers the exact-int keys it meets by
+ * value (g_keys[fd]: strong references to ints whose value is their index,
+ * right for every map whatever it holds -- a key that is not the dict's own
+ * object only makes the lookup slower), and dispatch uses them.  A cache:
+ * a failed allocation leaves it as it is. */
+#define KEYS_MAX 65536
+static PyObject **g_keys;
+static size_t g_nkeys;
+
+static void
+remember_key(PyObject *fdobj)
+{
+    long v;
+    if (!PyLong_CheckExact(fdobj))
+        return;                         /* (an int subclass may compare otherwise) */
+    v = PyLong_AsLong(fdobj);
+    if (v <= 256 || v >= KEYS_MAX) {    /* (small ints are shared objects) */
+        if (v == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        return;
+    }
+    if ((size_t)v >= g_nkeys) {
+        size_t n = (size_t)v * 2 < 1024 ? 1024 : (size_t)v * 2, i;
+        PyObject **k;
+        if (n > KEYS_MAX)
+            n = KEYS_MAX;
+        k = PyMem_Realloc(g_keys, n * sizeof(PyObject *));
+        if (k == NULL)
+            return;
+        for (i = g_nkeys; i < n; i++)
+            k[i] = NULL;
+        g_keys = k;
+        g_nkeys = n;
+    }
+    if (g_keys[v] != fdobj) {
+        PyObject *old = g_keys[v];
+        Py_INCREF(fdobj);
+        g_keys[v] = fdobj;
+        Py_XDECREF(old);                /* an int: no code runs */
+    }
+}
+
+/* A new reference to a key for fd (NULL with an error set). */
+static PyObject *
+fd_key(int fd)
+{
+    if (fd > 256 && (size_t)fd < g_nkeys && g_keys[fd] != NULL) {
+        Py_INCREF(g_keys[fd]);
+        return g_keys[fd];
+    }
+    return PyLong_FromLong(fd);
+}
+
 /* After a handler of a managed channel: did it change what readable()/
  * writable() would answer?  -> pending.add(fd).  (_loop._dispatch) */
 static int
@@ -707,7 +765,7 @@ dispatch_poll(loopst *c, PyObject *map, evbuf *b)
             c->woke = 1;
             continue;
         }
-        key = PyLong_FromLong(b->pairs[2 * i]);
+        key = fd_key(b->pairs[2 * i]);
         if (key == NULL)
             goto out;
         obj = PyDict_GetItemWithError(owner, key);
@@ -811,7 +869,7 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             c->woke = 1;        /* the wake-up fd (see dispatch_poll) */
             continue;
         }
-        key = PyLong_FromLong(b->pairs[2 * i]);
+        key = fd_key(b->pairs[2 * i]);
         if (key == NULL)
             goto out;
         obj = PyDict_GetItemWithError(owner, key);
@@ -1341,6 +1399,7 @@ consult_vec(loopst *c, int select_mode)
             }
         }
         fd = PyTuple_GetItem(fds, i);
+        remember_key(fd);
         m = PyLong_AsLong(mo);
         if (m == -1 && PyErr_Occurred())
             goto out;
@@ -1462,6 +1521,7 @@ consult(loopst *c, int select_mode)
             goto out;
         if (cur == m)
             continue;
+        remember_key(fd);
         if (cur && m) {
             PyObject *v = PyLong_FromLong(m);
             s = v ? PyDict_SetItem(c->mask, fd, v) : -1;

@@ -654,9 +654,21 @@ def test_oserror_with_a_bad_errno_attribute(wait, socks, exc_cls, escapes):
 # ---------------------------------------------------------------------------
 # d. handlers that pull the rug: the map, channels, sockets, nested loops
 
-def _flipping_docs(asyncore, n, socks):
+def _high_fd_socket(sock, socks, low=300):
+    """``sock`` moved to the lowest free fd >= low (the C loop caches the
+    key objects of fds above 256); the original is closed."""
+    import fcntl
+    fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, low)
+    high = socket.socket(fileno=fd)
+    socks.all.append(high)
+    sock.close()
+    return high
+
+
+def _flipping_docs(asyncore, n, socks, high=False):
     """n docs-pattern channels (writable() only) whose answers flip at every
-    call, half of them in each phase; -> (map, channels, asked, wrote)."""
+    call, half of them in each phase, on fds above 300 if ``high``;
+    -> (map, channels, asked, wrote)."""
     m, asked, wrote = {}, {}, {}
 
     class Flip(asyncore.dispatcher):
@@ -673,6 +685,8 @@ def _flipping_docs(asyncore, n, socks):
     chans = []
     for i in range(n):
         a, _ = socks.pair()
+        if high:
+            a = _high_fd_socket(a, socks)
         c = Flip(a, map=m)
         c.n, c.on, c.hook = i, bool(i % 2), None
         asked[i] = wrote[i] = 0
@@ -680,8 +694,9 @@ def _flipping_docs(asyncore, n, socks):
     return m, chans, asked, wrote
 
 
+@pytest.mark.parametrize("high", [False, True], ids=["low_fds", "high_fds"])
 @pytest.mark.parametrize("which", ["c", "py", "stdlib"])
-def test_vectorized_consult_over_many_iterations(which, use_poll, socks):
+def test_vectorized_consult_over_many_iterations(which, high, use_poll, socks):
     """30 channels that all override writable() only (the C loop asks them
     in one comprehension and compares the answers in C), answers flipping
     every iteration, 80 iterations in one loop() call with the wait left
@@ -696,7 +711,8 @@ def test_vectorized_consult_over_many_iterations(which, use_poll, socks):
         ctx = _Switch(which)
     with ctx as asyncore:
         assert _loop._force_mode is None
-        m, chans, asked, wrote = _flipping_docs(asyncore, 30, socks)
+        m, chans, asked, wrote = _flipping_docs(asyncore, 30, socks, high)
+        assert not high or min(m) > 256
         try:
             asyncore.loop(timeout=5, use_poll=use_poll, map=m, count=80)
         finally:
@@ -734,6 +750,47 @@ def test_vectorized_consult_predicate_closes_a_channel_or_raises(aco, use_poll, 
         assert wrote[5] == 9
     finally:
         aco.close_all(map=m)
+
+
+def test_high_fd_reused_under_another_key_object(aco, use_poll, socks):
+    """A channel on an fd above 256 closes; a new channel gets the same fd
+    number, put in the map under another int object (and then under an int
+    subclass).  The C loop's cached key for that number is the old object:
+    the lookups still find the new channel (by value), events go to it only,
+    and the closed one hears nothing more."""
+    m, chans, asked, wrote = _flipping_docs(aco, 10, socks, high=True)
+    aco.loop(timeout=5, use_poll=use_poll, map=m, count=30)   # keys cached
+    victim = chans[4]
+    fd = victim._fileno
+    served = {}
+
+    class Reader(aco.dispatcher):
+        def writable(self):
+            return False
+
+        def handle_read(self):
+            served[self.tag] = served.get(self.tag, 0) + len(self.recv(100))
+
+    for tag, key_of in (("int", lambda n: int(str(n))), ("subclass", type("Fd", (int,), {}))):
+        before = wrote[4], dict(served)
+        victim.close()
+        a, b = socks.pair()
+        a = _high_fd_socket(a, socks, low=fd)
+        assert a.fileno() == fd
+        r = Reader(a, map={})
+        r.tag = tag
+        del r._map[fd]
+        r._map = m
+        key = key_of(fd)
+        assert key == fd and key is not victim._fileno
+        m[key] = r
+        b.send(b"ping")
+        aco.loop(timeout=5, use_poll=use_poll, map=m, count=6)
+        assert served.get(tag) == 4
+        assert wrote[4] == before[0]
+        assert {t: served[t] for t in before[1]} == before[1]
+        victim = r
+    aco.close_all(map=m)
 
 
 def test_handler_clears_the_whole_map(aco, use_poll, wait, socks):
