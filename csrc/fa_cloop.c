@@ -889,6 +889,15 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             todo[0][cnt[0]++].obj = obj;
             continue;
         }
+        if (ev == FA_POLLOUT) {
+            /* the other common one: reported only for fds registered for
+             * it too (the pollers' stand-ins for refused fds as well) */
+            Py_INCREF(obj);
+            todo[1][cnt[1]].key = key;
+            todo[1][cnt[1]].err = 0;
+            todo[1][cnt[1]++].obj = obj;
+            continue;
+        }
         mv = PyDict_GetItemWithError(mask, key);
         if (mv == NULL && PyErr_Occurred()) {
             Py_DECREF(key);
