@@ -139,8 +139,10 @@ def test_scheduled_from_a_callback_runs_next_iteration(chan, use_poll):
 def test_loop_timeout_is_cut_to_the_next_timer(chan, use_poll):
     m, ch, peer = chan
     out = []
-    asyncore.call_later(0.05, out.append, "t", map=m)
+    # t0 first: the deadline is then >= t0 + 0.05 whatever the scheduler
+    # does between the two clock reads (CI: 8 ms between them once)
     t0 = time.monotonic()
+    asyncore.call_later(0.05, out.append, "t", map=m)
     asyncore.loop(timeout=5, use_poll=use_poll, map=m, count=1)
     took = time.monotonic() - t0
     assert out == ["t"]                 # one iteration covering the delay runs it
@@ -178,8 +180,8 @@ def test_loop_ends_when_the_map_empties_timers_pending(backend, use_poll):
 def test_poll_on_an_empty_map_waits_for_the_timer(backend, fn):
     m = {}
     out = []
+    t0 = time.monotonic()               # (first: see the test above)
     asyncore.call_later(0.05, out.append, "t", map=m)
-    t0 = time.monotonic()
     getattr(asyncore, fn)(timeout=2.0, map=m)
     assert out == ["t"]
     assert 0.045 <= time.monotonic() - t0 < 1.5
