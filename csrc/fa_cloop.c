@@ -106,6 +106,20 @@ attr_long(PyObject *obj, PyObject *name, long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* st.nchg += n (the interest changes adapt() weighs).  0 or -1. */
+static int
+add_nchg(PyObject *st, Py_ssize_t n)
+{
+    long nchg;
+    PyObject *v;
+    int rc;
+    if (attr_long(st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + (long)n)))
+        return -1;
+    rc = PyObject_SetAttr(st, S.nchg, v);
+    Py_DECREF(v);
+    return rc;
+}
+
 static double
 monotonic(void)
 {
@@ -1444,15 +1458,8 @@ consult_vec(loopst *c, int select_mode)
             Py_DECREF(r);
         }
     }
-    if (nstateless) {                   /* flush()'s count of them */
-        long nchg;
-        if (attr_long(c->st, S.nchg, &nchg) < 0 || !(p = PyLong_FromLong(nchg + nstateless)))
-            goto out;
-        s = PyObject_SetAttr(c->st, S.nchg, p);
-        Py_DECREF(p);
-        if (s < 0)
-            goto out;
-    }
+    if (nstateless && add_nchg(c->st, nstateless) < 0)     /* flush()'s count of them */
+        goto out;
     rc = 0;
 out:
     Py_XDECREF(prev);
@@ -1470,7 +1477,7 @@ consult(loopst *c, int select_mode)
 {
     PyObject *snap, *cprev, *p;
     Py_ssize_t i, n, nstateless = 0;
-    int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless, s;
+    int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless;
 
     if (!(snap = PyObject_GetAttr(c->st, S.csnap)))
         return -1;
@@ -1562,16 +1569,8 @@ consult(loopst *c, int select_mode)
             Py_DECREF(r);
         }
     }
-    if (nstateless) {                   /* flush()'s count of them */
-        long nchg;
-        PyObject *v;
-        if (attr_long(c->st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + nstateless)))
-            goto out;
-        s = PyObject_SetAttr(c->st, S.nchg, v);
-        Py_DECREF(v);
-        if (s < 0)
-            goto out;
-    }
+    if (nstateless && add_nchg(c->st, nstateless) < 0)     /* flush()'s count of them */
+        goto out;
     rc = 0;
 out:
     Py_DECREF(snap);
@@ -1584,18 +1583,12 @@ static int
 flush(loopst *c)
 {
     Py_ssize_t n = PyDict_Size(c->batch);
-    PyObject *poller, *v;
-    long nchg;
-    int rc = -1;
+    PyObject *poller;
+    int rc = 0;
     if (n == 0)
         return 0;
-    if (attr_long(c->st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + n)))
+    if (add_nchg(c->st, n) < 0 || !(poller = PyObject_GetAttr(c->st, S.poller)))
         return -1;
-    rc = PyObject_SetAttr(c->st, S.nchg, v);
-    Py_DECREF(v);
-    if (rc < 0 || !(poller = PyObject_GetAttr(c->st, S.poller)))
-        return -1;
-    rc = 0;
     if (poller != Py_None) {
         if ((poller != c->poller && poller_take(c, poller) < 0) ||
             PyDict_Update(c->p_pending, c->batch) < 0 ||
