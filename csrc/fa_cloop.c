@@ -1413,6 +1413,8 @@ consult_vec(loopst *c, int select_mode)
             goto out;
         if (pm != NULL) {
             PyObject *q = PyList_GetItem(pm, i);
+            if (q == NULL)
+                goto out;
             if (q == mo)
                 continue;               /* the same small int: unchanged */
             if ((s = PyObject_RichCompareBool(q, mo, Py_EQ)) != 0) {
