@@ -1350,6 +1350,54 @@ ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
     return 0;
 }
 
+/* Apply channel obj's consulted answer m (mo: the same as an int object, or
+ * NULL) for key fd, if it differs from the mask in force.  A change between
+ * two nonzero masks goes into the batch for a persistent poller; without one
+ * flush() only counts it (*nstateless), which saves a dict insert: the docs
+ * pattern changes two answers per message.  A first registration or a
+ * removal goes through _set_mask(), which validates the key and applies it
+ * at once -- unless an earlier answer in this pass closed the channel.
+ * Returns 1 if the answer was a change, 0 if not, -1 on error. */
+static int
+apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
+             int stateless, Py_ssize_t *nstateless)
+{
+    PyObject *mv = PyDict_GetItemWithError(c->mask, fd), *r;
+    long cur;
+    int s;
+    if (mv == NULL && PyErr_Occurred())
+        return -1;
+    cur = mv ? PyLong_AsLong(mv) : 0;
+    if (cur == -1 && PyErr_Occurred())
+        return -1;
+    if (cur == m)
+        return 0;
+    if (mo != NULL)
+        Py_INCREF(mo);
+    else if (!(mo = PyLong_FromLong(m)))
+        return -1;
+    if (cur && m) {
+        s = PyDict_SetItem(c->mask, fd, mo);
+        if (s == 0 && stateless)
+            (*nstateless)++;
+        else if (s == 0)
+            s = PyDict_SetItem(c->batch, fd, mo);
+    } else {
+        PyObject *o = PyDict_GetItemWithError(c->owner, fd);
+        s = 0;
+        if (o == NULL && PyErr_Occurred())
+            s = -1;
+        else if (o == obj) {
+            r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, mo, NULL);
+            if (r == NULL)
+                s = -1;
+            Py_XDECREF(r);
+        }
+    }
+    Py_DECREF(mo);
+    return s < 0 ? -1 : 1;
+}
+
 /* MapState._consult_vec() after its _ask() call: every consulted channel
  * overrides the same one predicate (st.cvec, set by snapshot()), and one
  * comprehension in Python asks them all -- its Python-to-Python calls cost
@@ -1407,8 +1455,8 @@ consult_vec(loopst *c, int select_mode)
     for (i = 0; i < n; i++) {
         /* borrowed: masks, fds and objs are held here; the list is ours
          * (and st.cprev's, which no Python code mutates) */
-        PyObject *mo = PyList_GetItem(masks, i), *fd, *obj, *mv;
-        long m, cur;
+        PyObject *mo = PyList_GetItem(masks, i), *fd;
+        long m;
         if (mo == NULL)
             goto out;
         if (pm != NULL) {
@@ -1428,37 +1476,9 @@ consult_vec(loopst *c, int select_mode)
         m = PyLong_AsLong(mo);
         if (m == -1 && PyErr_Occurred())
             goto out;
-        mv = PyDict_GetItemWithError(c->mask, fd);
-        if (mv == NULL && PyErr_Occurred())
+        if (apply_answer(c, fd, PyTuple_GetItem(objs, i), mo, m, stateless,
+                         &nstateless) < 0)
             goto out;
-        cur = mv ? PyLong_AsLong(mv) : 0;
-        if (cur == -1 && PyErr_Occurred())
-            goto out;
-        if (cur == m)
-            continue;
-        if (cur && m) {
-            s = PyDict_SetItem(c->mask, fd, mo);
-            /* as consult()'s loop: the batch is for a persistent poller */
-            if (s == 0 && stateless)
-                nstateless++;
-            else if (s == 0)
-                s = PyDict_SetItem(c->batch, fd, mo);
-            if (s < 0)
-                goto out;
-        } else {
-            /* a first registration or a removal, unless an earlier answer
-             * closed this channel: _set_mask() */
-            PyObject *o = PyDict_GetItemWithError(c->owner, fd), *r;
-            if (o == NULL && PyErr_Occurred())
-                goto out;
-            obj = PyTuple_GetItem(objs, i);
-            if (o != obj)
-                continue;
-            r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, mo, NULL);
-            if (r == NULL)
-                goto out;
-            Py_DECREF(r);
-        }
     }
     if (nstateless && add_nchg(c->st, nstateless) < 0)     /* flush()'s count of them */
         goto out;
@@ -1513,8 +1533,8 @@ consult(loopst *c, int select_mode)
     n = PyTuple_Size(snap);
     for (i = 0; i < n; i++) {
         /* borrowed from snap, which we hold */
-        PyObject *e = PyTuple_GetItem(snap, i), *fd, *obj, *mv;
-        long m, cur;
+        PyObject *e = PyTuple_GetItem(snap, i), *fd, *obj;
+        long m;
         int s;
         if (e == NULL || !PyTuple_Check(e) || PyTuple_Size(e) != 4) {
             if (!PyErr_Occurred())
@@ -1531,45 +1551,10 @@ consult(loopst *c, int select_mode)
             if (s)
                 m = 0;
         }
-        mv = PyDict_GetItemWithError(c->mask, fd);
-        if (mv == NULL && PyErr_Occurred())
+        if ((s = apply_answer(c, fd, obj, NULL, m, stateless, &nstateless)) < 0)
             goto out;
-        cur = mv ? PyLong_AsLong(mv) : 0;
-        if (cur == -1 && PyErr_Occurred())
-            goto out;
-        if (cur == m)
-            continue;
-        remember_key(fd);
-        if (cur && m) {
-            PyObject *v = PyLong_FromLong(m);
-            s = v ? PyDict_SetItem(c->mask, fd, v) : -1;
-            /* the batch is for a persistent poller; without one flush()
-             * only counts it (a change costs a dict insert less: the docs
-             * pattern changes two answers per message) */
-            if (s == 0 && stateless)
-                nstateless++;
-            else if (s == 0)
-                s = PyDict_SetItem(c->batch, fd, v);
-            Py_XDECREF(v);
-            if (s < 0)
-                goto out;
-        } else {
-            /* a first registration or a removal: _set_mask() validates the
-             * key and applies it at once -- unless an earlier answer closed
-             * this channel */
-            PyObject *o = PyDict_GetItemWithError(c->owner, fd), *v, *r;
-            if (o == NULL && PyErr_Occurred())
-                goto out;
-            if (o != obj)
-                continue;
-            if (!(v = PyLong_FromLong(m)))
-                goto out;
-            r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, v, NULL);
-            Py_DECREF(v);
-            if (r == NULL)
-                goto out;
-            Py_DECREF(r);
-        }
+        if (s)
+            remember_key(fd);
     }
     if (nstateless && add_nchg(c->st, nstateless) < 0)     /* flush()'s count of them */
         goto out;
