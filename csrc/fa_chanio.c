@@ -142,24 +142,125 @@ out:
  * once (chan_methods()).  Called unbound on an exact socket.socket: what
  * sock.fileno() and sock.timeout give (the type has no instance dict, and
  * the `timeout` getter is gettimeout()'s C function), without the by-name
- * lookups of a method call (~350 instructions of a ~800-instruction
- * eligibility check, callgrind, 3.11).  Being the C type's own, they read
- * the fd and timeout that socket.send/recv themselves use, even where a
- * test replaced socket.socket.fileno. */
+ * lookups of a method call.  Being the C type's own, they read the fd and
+ * timeout that socket.send/recv themselves use, even where a test replaced
+ * socket.socket.fileno.  Used where sockhead (below) does not fit. */
 static PyObject *g_fileno_m, *g_gettimeout_m;
+
+/* The head of CPython's socket object (PySocketSockObject in
+ * Modules/socketmodule.h; the same from 3.9 to 3.13): what socket.send and
+ * socket.recv read, the fd and the timeout (nanoseconds; 0 when
+ * non-blocking, -1 s when blocking).  Reading them costs two loads; the two
+ * unbound method calls above cost ~700 instructions per send (a float and
+ * often an int made and freed: 4% of a small request's user-space work,
+ * callgrind, 3.11).  It is no API, so chan_methods() checks it against the
+ * methods on sockets it makes (fd, family, type, three timeouts, closed)
+ * and uses it only where every value matched (g_head): another layout, a
+ * free-threaded build, a socket that cannot be made -- the method calls,
+ * as before. */
+typedef struct {
+    PyObject_HEAD
+    int sock_fd;                    /* SOCKET_T: an int on POSIX */
+    int sock_family, sock_type, sock_proto;
+    PyObject *(*errorhandler)(void);
+    long long sock_timeout;         /* _PyTime_t: ns, -1 s when blocking */
+} sockhead;
+
+static int g_head_ok;               /* the check passed */
+static int g_head;                  /* ... and it is in use (sock_head()) */
+
+#define HEAD(sock) ((const sockhead *)(sock))
 
 /* sock.timeout == 0.0?  1, 0 (no error set: errors count as "no"). */
 static int
 timeout_zero(PyObject *sock)
 {
-    PyObject *v = PyObject_CallFunctionObjArgs(g_gettimeout_m, sock, NULL);
+    PyObject *v;
     int ok;
-    if (v == NULL) {
+    if (g_head)
+        return HEAD(sock)->sock_timeout == 0;
+    if (!(v = PyObject_CallFunctionObjArgs(g_gettimeout_m, sock, NULL))) {
         PyErr_Clear();
         return 0;
     }
     ok = PyFloat_Check(v) && PyFloat_AsDouble(v) == 0.0;
     Py_DECREF(v);
+    return ok;
+}
+
+/* sock.fileno() as a C long; -2 with an error set. */
+static long
+sock_fileno(PyObject *sock)
+{
+    PyObject *v;
+    long fd;
+    if (g_head)
+        return HEAD(sock)->sock_fd;
+    if (!(v = PyObject_CallFunctionObjArgs(g_fileno_m, sock, NULL)))
+        return -2;
+    fd = PyLong_AsLong(v);
+    Py_DECREF(v);
+    if (fd == -1 && PyErr_Occurred())
+        return -2;
+    return fd;
+}
+
+/* Does sockhead read what the methods say on sock?  (see sockhead) */
+static int
+head_matches(PyObject *sock, int type)
+{
+    static const struct { double t; long long ns; } tmo[] = {
+        {1.5, 1500000000LL}, {-1.0, -1000000000LL}, {0.0, 0LL}};
+    PyObject *r;
+    size_t i;
+    long fd;
+    g_head = 0;
+    if ((fd = sock_fileno(sock)) < 0 || HEAD(sock)->sock_fd != fd ||
+            HEAD(sock)->sock_family != AF_INET || HEAD(sock)->sock_type != type)
+        return 0;
+    for (i = 0; i < sizeof(tmo) / sizeof(tmo[0]); i++) {
+        r = tmo[i].t < 0 ? PyObject_CallMethod(sock, "settimeout", "O", Py_None)
+                         : PyObject_CallMethod(sock, "settimeout", "d", tmo[i].t);
+        if (r == NULL)
+            return 0;
+        Py_DECREF(r);
+        if (HEAD(sock)->sock_timeout != tmo[i].ns || timeout_zero(sock) != (tmo[i].ns == 0))
+            return 0;
+    }
+    return 1;
+}
+
+static int
+check_head(PyObject *sock_type)
+{
+    PyObject *a = NULL, *b = NULL, *bs, *r;
+    long size;
+    int ok = 0;
+    if (!(bs = PyObject_GetAttrString(sock_type, "__basicsize__")))
+        goto out;
+    size = PyLong_AsLong(bs);
+    Py_DECREF(bs);
+    if (size < (long)sizeof(sockhead))
+        goto out;
+    a = PyObject_CallFunction(sock_type, "ii", AF_INET, SOCK_STREAM);
+    b = a ? PyObject_CallFunction(sock_type, "ii", AF_INET, SOCK_DGRAM) : NULL;
+    if (b == NULL || Py_TYPE(a) != (PyTypeObject *)sock_type)
+        goto out;
+    ok = head_matches(a, SOCK_STREAM) && head_matches(b, SOCK_DGRAM);
+    if (ok) {
+        /* closed: the fd reads -1, as fileno() says */
+        r = PyObject_CallMethod(b, "close", NULL);
+        Py_XDECREF(r);
+        ok = r != NULL && HEAD(b)->sock_fd == -1 && sock_fileno(b) == -1;
+    }
+out:
+    if (a && (r = PyObject_CallMethod(a, "close", NULL)))
+        Py_DECREF(r);
+    if (b && (r = PyObject_CallMethod(b, "close", NULL)))
+        Py_DECREF(r);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    PyErr_Clear();
     return ok;
 }
 
@@ -172,7 +273,7 @@ timeout_zero(PyObject *sock)
 static int
 plain_fd(PyObject *self, PyObject **sockp, int any_timeout)
 {
-    PyObject *sock, *v;
+    PyObject *sock;
     long fd;
 
     if (!(sock = PyObject_GetAttr(self, N.socket))) {
@@ -184,19 +285,14 @@ plain_fd(PyObject *self, PyObject **sockp, int any_timeout)
     /* timeout 0.0: the fd is O_NONBLOCK, socket.send/recv make one call */
     if (!any_timeout && !timeout_zero(sock))
         goto no;
-    if (!(v = PyObject_CallFunctionObjArgs(g_fileno_m, sock, NULL)))
-        goto err;
-    fd = PyLong_AsLong(v);
-    Py_DECREF(v);
+    fd = sock_fileno(sock);
     if (fd < 0 || fd > INT_MAX) {            /* closed: -1 (socket.recv: EBADF) */
-        if (PyErr_Occurred())
-            goto err;
+        if (fd == -2)
+            PyErr_Clear();
         goto no;
     }
     *sockp = sock;
     return (int)fd;
-err:
-    PyErr_Clear();
 no:
     Py_DECREF(sock);
     return -1;
@@ -854,6 +950,8 @@ fa_chan_methods(PyObject *module, PyObject *args)
         Py_DECREF(fm);
         Py_DECREF(tm);
     }
+    g_head = 0;
+    g_head = g_head_ok = check_head(sock_type);
     keep(&g_sock_type, sock_type);
     keep(&g_method_type, method_type);
     keep(&g_py_send, py_send);
@@ -868,6 +966,21 @@ fa_chan_methods(PyObject *module, PyObject *args)
     g_flags = flags;
     g_on = 1;
     return Py_BuildValue("(NNN)", ds, dr, ws);
+}
+
+/* sock_head([on]): is the socket head read (sockhead) in use?  With an
+ * argument: use it (only where the check passed) or not (tests run the
+ * method calls too). */
+PyObject *
+fa_sock_head(PyObject *module, PyObject *args)
+{
+    int on = -1;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "|p:sock_head", &on))
+        return NULL;
+    if (on >= 0)
+        g_head = on && g_head_ok;
+    return PyBool_FromLong(g_head);
 }
 
 PyObject *

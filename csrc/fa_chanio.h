@@ -17,5 +17,8 @@ PyObject *fa_chat_methods(PyObject *module, PyObject *args);
 /* chan_io(on): the fast paths on (cffi backend) or off (every call goes to
  * the Python method) */
 PyObject *fa_chan_io(PyObject *module, PyObject *arg);
+/* sock_head([on]) -> bool: the socket objects' fd and timeout read from
+ * their C struct (checked by chan_methods()) rather than by method calls */
+PyObject *fa_sock_head(PyObject *module, PyObject *args);
 
 #endif

@@ -1971,6 +1971,11 @@ static PyMethodDef cloop_methods[] = {
     {"chan_io", fa_chan_io, METH_O,
      "chan_io(on) -> None\n\nThe C channel methods' fast paths on (cffi "
      "backend) or off (they call the Python methods)."},
+    {"sock_head", fa_sock_head, METH_VARARGS,
+     "sock_head([on]) -> bool\n\nWhether the C channel methods read a "
+     "socket's fd and timeout from its C struct (where chan_methods() found "
+     "it matches this interpreter's) rather than calling fileno() and "
+     "gettimeout(); with an argument, turn that on (if it matched) or off."},
     {NULL, NULL, 0, NULL}
 };
 

@@ -18,6 +18,54 @@ from unittest import mock
 import pytest
 
 
+@pytest.fixture(autouse=True, params=["head", "methods"])
+def sock_read(request):
+    """On the cffi case, run each test twice: with the C methods reading a
+    socket's fd and timeout from its C struct (where the import-time check
+    found the layout), and with them calling fileno()/gettimeout()."""
+    case = request.node.callspec.params.get("impl", request.node.callspec.params.get("backend"))
+    if request.param == "head":
+        yield
+        return
+    if case != "cffi" or getattr(request.function, "head_only", False):
+        pytest.skip("the method-call variant is for the cffi case only")
+    try:
+        from fastasyncore import _cloop
+    except ImportError:
+        pytest.skip("no fastasyncore._cloop here")
+    prev = _cloop.sock_head()
+    _cloop.sock_head(False)
+    try:
+        yield
+    finally:
+        _cloop.sock_head(prev)
+
+
+def test_socket_head_read_is_in_use_where_the_layout_matched(backend):
+    """CPython 3.9-3.13 on 64-bit Linux: the layout check passes, so the fast
+    path makes no fileno()/gettimeout() calls; sock_head(True) never turns
+    on an unchecked read."""
+    if backend.NAME != "cffi":
+        pytest.skip("the C methods run on the cffi backend only")
+    from fastasyncore import asyncore       # its import runs the check
+    if not asyncore._C_METHODS:
+        pytest.skip("no C channel methods here")
+    from fastasyncore import _cloop
+    if sys.implementation.name == "cpython" and sys.maxsize > 2**32 \
+            and sys.platform.startswith("linux") and (3, 9) <= sys.version_info < (3, 14) \
+            and getattr(sys, "_is_gil_enabled", lambda: True)():
+        assert _cloop.sock_head() is True
+    prev = _cloop.sock_head()
+    try:
+        assert _cloop.sock_head(False) is False
+        assert _cloop.sock_head(True) is prev
+    finally:
+        _cloop.sock_head(prev)
+
+
+test_socket_head_read_is_in_use_where_the_layout_matched.head_only = True
+
+
 def pair(impl, cls=None, **attrs):
     a, b = socket.socketpair()
     cls = cls or impl.asyncore.dispatcher
