@@ -59,7 +59,7 @@ static struct {
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
         *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
-        *calls, *ready, *due, *cvec;
+        *calls, *ready, *due, *cvec, *spoll, *sreg;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -117,6 +117,33 @@ add_nchg(PyObject *st, Py_ssize_t n)
         return -1;
     rc = PyObject_SetAttr(st, S.nchg, v);
     Py_DECREF(v);
+    return rc;
+}
+
+/* The consult changed masks without a poller (nstateless): st.spoll, the
+ * Python loop's select.poll that mirrors the mask, did not get them.  Drop
+ * it (the Python wait builds it again from the mask), so that the Python
+ * loop can trust spoll whenever it is there and never compares the two
+ * dicts (an O(n) compare per loop() call, which a `loop(count=1)` in a
+ * user's own loop -- a common pattern -- pays per iteration). */
+static int
+spoll_stale(PyObject *st)
+{
+    PyObject *t, *v, *tb, *sp;
+    int rc = -1, had = PyErr_Occurred() != NULL;
+    if (had)
+        PyErr_Fetch(&t, &v, &tb);           /* the caller's error comes first */
+    if (!(sp = PyObject_GetAttr(st, S.spoll)))
+        goto out;
+    Py_DECREF(sp);                          /* compared with None only */
+    if (sp == Py_None || (PyObject_SetAttr(st, S.spoll, Py_None) == 0 &&
+                          PyObject_SetAttr(st, S.sreg, Py_None) == 0))
+        rc = 0;
+out:
+    if (had) {
+        PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+    }
     return rc;
 }
 
@@ -1484,6 +1511,9 @@ consult_vec(loopst *c, int select_mode)
         goto out;
     rc = 0;
 out:
+    /* (also after an error: the changes made so far are in the mask) */
+    if (nstateless && spoll_stale(c->st) < 0)
+        rc = -1;
     Py_XDECREF(prev);
     Py_XDECREF(masks);
     Py_DECREF(vec);
@@ -1560,6 +1590,9 @@ consult(loopst *c, int select_mode)
         goto out;
     rc = 0;
 out:
+    /* (also after an error: the changes made so far are in the mask) */
+    if (nstateless && spoll_stale(c->st) < 0)
+        rc = -1;
     Py_DECREF(snap);
     return rc;
 }
@@ -2031,6 +2064,8 @@ PyInit__cloop(void)
     INTERN(wait, "wait");
     INTERN(csnap, "csnap");
     INTERN(cprev, "cprev");
+    INTERN(spoll, "spoll");
+    INTERN(sreg, "sreg");
     INTERN(snapshot, "snapshot");
     INTERN(reconcile, "reconcile");
     INTERN(set_mask, "_set_mask");

@@ -721,6 +721,49 @@ def test_vectorized_consult_over_many_iterations(which, high, use_poll, socks):
     assert wrote == {n: 40 for n in range(30)}
 
 
+@pytest.mark.parametrize("n", [4, 30], ids=["plain", "vectorized"])
+def test_c_loop_changes_leave_no_stale_python_poll(n, use_poll, socks):
+    """In the stateless wait mode the C loop writes a consulted answer that
+    moves between two nonzero masks straight into the mask; the Python
+    loop's select.poll mirror of the mask (MapState.spoll) does not get it,
+    and the Python loop trusts that mirror, so the C loop drops it.  loop()
+    calls alternate between the C and the Python loop, and the answers run
+    True, False, False, True, ...: each Python call's answer is the one the
+    C call before it applied, so a stale mirror would still hold the answer
+    before that (a write event for a channel that said False, none for one
+    that said True).  Each True answer gets exactly one handle_write()."""
+    with _Switch("c") as asyncore:
+        m, asked, wrote = {}, {}, {}
+
+        class Quad(asyncore.dispatcher):
+            def writable(self):
+                k = asked[self.n]
+                asked[self.n] += 1
+                return (k + 1) // 2 % 2 == 0
+
+            def handle_write(self):
+                wrote[self.n] += 1
+
+        for i in range(n):
+            a, _ = socks.pair()
+            Quad(a, map=m).n = i
+            asked[i] = wrote[i] = 0
+        # the wait left adaptive: a small map waits stateless, and a pinned
+        # mode would have every iteration prepared in Python
+        assert _loop._force_mode is None
+        try:
+            for k in range(80):
+                _loop.set_loop("py" if k % 2 == 0 else "c")
+                # (timeout 0: an iteration where every answer is False
+                # has nothing to wait for; the sockets are always writable)
+                asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+                trues = k // 4 * 2 + 1 + (k % 4 == 3)     # T F F T T F F T ...
+                assert wrote == {i: trues for i in range(n)}, k
+        finally:
+            asyncore.close_all(map=m)
+    assert asked == {i: 80 for i in range(n)}
+
+
 def test_vectorized_consult_predicate_closes_a_channel_or_raises(aco, use_poll, socks):
     """The same map: a writable() that closes another channel (the victim is
     still asked in that iteration, as 3.11 asks every channel of its

@@ -1231,8 +1231,11 @@ def _spoll(st: MapState) -> Any:
     (_set_mask, flush, _drop), so that an iteration costs one poll() instead
     of a fresh poll object plus a register() per fd (what poll_list and 3.11
     do: 0.44 instead of 0.85 us for one fd on 3.11).  ``st.sreg`` is what it
-    holds: the C loop changes the mask without flush(), so whoever takes the
-    state in Python first compares the two (_stateless_wait, run)."""
+    holds (which fds it has, for unregister()).  Where the C loop changes
+    the mask without it, it drops both (fa_cloop.c's spoll_stale()), so a
+    spoll that is there is in line with the mask: no loop() call compares
+    the two dicts (O(n) per call, paid per iteration by a user's own
+    ``while ...: loop(count=1)``)."""
     sp = _select_poll()
     register = sp.register
     for fd, m in st.mask.items():
@@ -1249,7 +1252,7 @@ def _stateless_wait(st: MapState, ms: int) -> List[Tuple[int, int]]:
     if _select_poll is None:
         return _backend.current.poll_list(st.mask, ms)
     sp = st.spoll
-    if sp is None or st.sreg != st.mask:
+    if sp is None:
         sp = _spoll(st)
     return sp.poll(ms if ms <= _INT_MAX else _INT_MAX)
 
@@ -1397,8 +1400,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                     batch = st.batch
                     wakefd = st.wakefd
                     room = st.adapt_at - st.iters - 1
-                    if st.spoll is not None and st.sreg != mask:
-                        st.spoll = st.sreg = None       # stale: rebuilt at the wait
             if st is None:
                 # no state yet, or in use by an outer frame (a handler calling
                 # loop() on its own map) or another thread (which raises)
