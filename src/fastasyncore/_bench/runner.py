@@ -1230,7 +1230,9 @@ def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out,
                   "in the same workload (same server pattern), and against uvloop. "
                   "CPU is the process under test's utime+stime. A run is *disturbed* when "
                   "other processes used > %d%% of a pinned CPU during its window; the median "
-                  "uses clean runs when at least half are clean." % (
+                  "uses clean runs when at least half are clean. A workload's runs go "
+                  "round-robin over its cells (run 1 of each, then run 2 ...), so drift "
+                  "touches every cell alike." % (
                       meta["pinning"], DISTURBED_SHARE * 100))
     report.append("")
     if cells:
@@ -1442,31 +1444,40 @@ def run(args, out=sys.stdout):
                 for impl in STDLIB:
                     if available.get(impl) and (wanted is None or impl in wanted):
                         cell_list.append((impl, "plain"))
-            for impl, var in cell_list:
-                cell_runs = []
-                extra = 0
-                i = 0
-                while i < runs + extra:
-                    i += 1
+            # Round-robin over the cells (run 1 of each, then run 2 ...), as
+            # the busy rows do: this guest's speed drifts by 10-20% over a
+            # minute, and a cell's runs taken one after the other would carry
+            # that drift into the ratios between cells.
+            cell_state = {c: {"runs": [], "extra": 0, "done": False} for c in cell_list}
+            while True:
+                todo = [c for c in cell_list if not cell_state[c]["done"] and
+                        len(cell_state[c]["runs"]) < runs + cell_state[c]["extra"]]
+                if not todo:
+                    break
+                for impl, var in todo:
+                    cs = cell_state[(impl, var)]
+                    i = len(cs["runs"]) + 1
                     progress("[%s] %s%s run %d of %d" % (wid, impl, " (%s)" % var if var else "",
-                                                         i, runs + extra))
+                                                         i, runs + cs["extra"]))
                     if kind == "server":
                         r = server_run(ctx, wid, spec, impl, var)
                     else:
                         r = client_run(ctx, wid, spec, impl)
                     r["run"] = i
-                    cell_runs.append(r)
+                    cs["runs"].append(r)
                     all_runs.append(r)
                     if r.get("error"):
                         progress("[%s] %s: %s" % (wid, impl, r["error"]))
-                        break
+                        cs["done"] = True
+                        continue
                     if r.get("disturbed"):
                         progress("[%s] %s run %d disturbed (other load %s)" % (
                             wid, impl, i, "%.0f%%" % (100 * r["other_load"])
                             if r.get("other_load") is not None else "high loadavg"))
-                        if extra < 2 and not args.tiny:
-                            extra += 1
-                cells[(wid, impl, var)] = summarize_cell(cell_runs)
+                        if cs["extra"] < 2 and not args.tiny:
+                            cs["extra"] += 1
+            for impl, var in cell_list:
+                cells[(wid, impl, var)] = summarize_cell(cell_state[(impl, var)]["runs"])
 
         busy = {}
         if any(kind == "busy" for _, kind, _ in workloads):
