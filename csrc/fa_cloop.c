@@ -59,7 +59,7 @@ static struct {
         *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
         *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
-        *calls, *ready, *due, *cvec, *spoll, *sreg;
+        *calls, *ready, *due, *cvec, *spoll;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -136,8 +136,7 @@ spoll_stale(PyObject *st)
     if (!(sp = PyObject_GetAttr(st, S.spoll)))
         goto out;
     Py_DECREF(sp);                          /* compared with None only */
-    if (sp == Py_None || (PyObject_SetAttr(st, S.spoll, Py_None) == 0 &&
-                          PyObject_SetAttr(st, S.sreg, Py_None) == 0))
+    if (sp == Py_None || PyObject_SetAttr(st, S.spoll, Py_None) == 0)
         rc = 0;
 out:
     if (had) {
@@ -2065,7 +2064,6 @@ PyInit__cloop(void)
     INTERN(csnap, "csnap");
     INTERN(cprev, "cprev");
     INTERN(spoll, "spoll");
-    INTERN(sreg, "sreg");
     INTERN(snapshot, "snapshot");
     INTERN(reconcile, "reconcile");
     INTERN(set_mask, "_set_mask");

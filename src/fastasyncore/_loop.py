@@ -312,7 +312,7 @@ class MapState:
     __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
                  "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
                  "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
-                 "spoll", "sreg", "disp", "dead", "faults", "svc", "wake",
+                 "spoll", "disp", "dead", "faults", "svc", "wake",
                  "wakefd", "__weakref__")
 
     def __init__(self, map: Dict[Any, Any]) -> None:
@@ -356,9 +356,8 @@ class MapState:
         self.nev = 0                          # events delivered (adapt())
         self.adapt_at = _ADAPT_FIRST
         # The Python loop's stateless wait (poller None): a select.poll kept
-        # in line with `mask`, and what it holds (see _spoll()).
+        # in line with `mask` (see _spoll()).
         self.spoll: Any = None
-        self.sreg: Optional[Dict[Any, int]] = None
         # [owner.get, mask.get, events] of a select-mode dispatch pass in
         # progress (_dispatch()); _freeze() points the first two at copies.
         self.disp: Optional[List[Any]] = None
@@ -387,7 +386,6 @@ class MapState:
                 sp = self.spoll
                 if sp is not None and self.poller is None:
                     sp.register(fd, m)
-                    self.sreg[fd] = m        # type: ignore[index]
                     self.nchg += 1
                 else:
                     self.batch[fd] = m
@@ -406,9 +404,8 @@ class MapState:
                 if sp is not None:
                     if m:
                         sp.register(fd, m)
-                        self.sreg[fd] = m    # type: ignore[index]
-                    elif self.sreg.pop(fd, None) is not None:  # type: ignore[union-attr]
-                        sp.unregister(fd)
+                    else:
+                        _unregister(sp, fd)
             if m:
                 self.mask[fd] = m
             else:
@@ -418,7 +415,7 @@ class MapState:
         """The select.poll to hand interest changes to at once, or None (then
         they go to the batch, for the persistent poller's update() or for
         fa_cloop.c).  In the stateless mode of the Python loop every change
-        of an fd's mask goes to `spoll` and `sreg` as it is made."""
+        of an fd's mask goes to `spoll` as it is made."""
         return self.spoll if self.poller is None else None
 
     def _direct_lost(self, sp: Any) -> None:
@@ -431,7 +428,7 @@ class MapState:
             for fd, m in self.mask.items():
                 self.poller.modify(fd, m)
         else:
-            self.spoll = self.sreg = None      # built from mask at the wait
+            self.spoll = None      # built from mask at the wait
 
     def flush(self) -> None:
         batch = self.batch
@@ -442,7 +439,6 @@ class MapState:
             register = self.spoll.register
             for fd, m in batch.items():
                 register(fd, m)
-            self.sreg.update(batch)     # type: ignore[union-attr]
         batch.clear()
 
     def adapt(self) -> None:
@@ -486,13 +482,13 @@ class MapState:
             if (n < churn or n <= busy) and n <= _REBUILD_MAX_FDS and _can_poll_list():
                 self.poller.close()
                 self.poller = None
-                self.spoll = self.sreg = None    # built at the first wait
+                self.spoll = None    # built at the first wait
         elif (n > 2 * churn and n > 2 * busy) or n > _REBUILD_MAX_FDS:
             poller = self._new_poller()
             for fd, m in self.mask.items():
                 poller.modify(fd, m)
             self.poller = poller
-            self.spoll = self.sreg = None
+            self.spoll = None
 
     def _freeze(self) -> None:
         """An owner or a mask is about to change during a select-mode
@@ -522,8 +518,8 @@ class MapState:
             self.nchg += 1
             if self.poller is not None:
                 self.poller.modify(fd, 0)
-            elif self.spoll is not None and self.sreg.pop(fd, None) is not None:  # type: ignore[union-attr]
-                self.spoll.unregister(fd)
+            elif self.spoll is not None:
+                _unregister(self.spoll, fd)
 
     def _managed_mask(self, fd: Any, obj: Any) -> int:
         if self.suspended and fd in self.suspended:
@@ -623,7 +619,6 @@ class MapState:
                             self.batch[fd] = new
                         else:
                             sp.register(fd, new)
-                            self.sreg[fd] = new     # type: ignore[index]
                             self.nchg += 1
                     else:
                         self._set_mask(fd, new)
@@ -679,7 +674,6 @@ class MapState:
         extra = POLLPRI if select_mode else 0   # select(): r-or-w go in xlist
         owner = self.owner
         sp = self._direct()
-        sreg = self.sreg
         w_only = extra | POLLOUT
         for fd, obj, call_r, call_w in snap:
             # 3.11: readable(), then writable(), then (when writable)
@@ -705,7 +699,6 @@ class MapState:
                         batch[fd] = m
                     else:
                         sp.register(fd, m)
-                        sreg[fd] = m            # type: ignore[index]
                         direct += 1
                 elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
@@ -728,7 +721,6 @@ class MapState:
         batch = self.batch
         owner = self.owner
         sp = self._direct()
-        sreg = self.sreg
         changed = rare = 0
         if which == "w":
             for fd, obj in pairs:
@@ -748,7 +740,6 @@ class MapState:
                             batch[fd] = m
                         else:
                             sp.register(fd, m)
-                            sreg[fd] = m        # type: ignore[index]
                     else:
                         rare += 1
                         if owner.get(fd) is obj:   # not closed by an earlier answer
@@ -770,7 +761,6 @@ class MapState:
                             batch[fd] = m
                         else:
                             sp.register(fd, m)
-                            sreg[fd] = m        # type: ignore[index]
                     else:
                         rare += 1
                         if owner.get(fd) is obj:
@@ -808,7 +798,6 @@ class MapState:
         batch = self.batch
         owner = self.owner
         sp = self._direct()
-        sreg = self.sreg
         direct = 0
         for fd, obj, m in todo:
             cur = mask.get(fd, 0)
@@ -819,7 +808,6 @@ class MapState:
                         batch[fd] = m
                     else:
                         sp.register(fd, m)
-                        sreg[fd] = m            # type: ignore[index]
                         direct += 1
                 elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
@@ -834,7 +822,7 @@ class MapState:
             self.poller.close()
         self.wake.close()
         _services.release(self.map)
-        self.spoll = self.sreg = None
+        self.spoll = None
         self.owner.clear()
         self.mask.clear()
         self.consulted.clear()
@@ -1230,21 +1218,28 @@ def _spoll(st: MapState) -> Any:
     The Python loop keeps it in line with the mask as the mask changes
     (_set_mask, flush, _drop), so that an iteration costs one poll() instead
     of a fresh poll object plus a register() per fd (what poll_list and 3.11
-    do: 0.44 instead of 0.85 us for one fd on 3.11).  ``st.sreg`` is what it
-    holds (which fds it has, for unregister()).  Where the C loop changes
-    the mask without it, it drops both (fa_cloop.c's spoll_stale()), so a
-    spoll that is there is in line with the mask: no loop() call compares
-    the two dicts (O(n) per call, paid per iteration by a user's own
-    ``while ...: loop(count=1)``)."""
+    do: 0.44 instead of 0.85 us for one fd on 3.11).  Where the C loop
+    changes the mask without it, it drops it (fa_cloop.c's spoll_stale()),
+    so a spoll that is there holds the mask: no loop() call compares it with
+    a mirror dict (O(n) per call, paid per iteration by a user's own
+    ``while ...: loop(count=1)``), and no change is written twice."""
     sp = _select_poll()
     register = sp.register
     for fd, m in st.mask.items():
         register(fd, m)
     if st.wakefd >= 0:
         register(st.wakefd, POLLIN)     # (never in mask: _adopt refuses it)
-    st.sreg = dict(st.mask)
     st.spoll = sp
     return sp
+
+
+def _unregister(sp: Any, fd: Any) -> None:
+    """Take a removed fd out of the stateless wait's select.poll (it holds
+    the mask, so the fd is there; an fd the mask never had is no error)."""
+    try:
+        sp.unregister(fd)
+    except KeyError:
+        pass
 
 
 def _stateless_wait(st: MapState, ms: int) -> List[Tuple[int, int]]:
@@ -1427,7 +1422,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                         # consult()'s plain loop, inline (few consulted
                         # channels, none suspended: the light path's terms)
                         sp = st.spoll if st.poller is None else None
-                        sreg = st.sreg
                         nd = 0
                         for cfd, cobj, call_r, call_w in snap:
                             if not call_r or cobj.readable():
@@ -1447,7 +1441,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                                         batch[cfd] = m
                                     else:
                                         sp.register(cfd, m)
-                                        sreg[cfd] = m
                                         nd += 1
                                 elif owner.get(cfd) is cobj:  # not closed meanwhile
                                     st._set_mask(cfd, m)
@@ -1469,7 +1462,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                         if sp is not None:
                             for cfd, m in batch.items():
                                 sp.register(cfd, m)
-                            st.sreg.update(batch)
                     batch.clear()
                 if ms is None:
                     ms = _timeout_ms(timeout, select_mode)

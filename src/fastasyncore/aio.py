@@ -419,7 +419,7 @@ class _Bridge:
         if old is not None and old is not self:
             old.close()
         st.poller = self
-        st.spoll = st.sreg = None
+        st.spoll = None
         self.stop()
         for fd, m in st.mask.items():
             self._apply(fd, m)
@@ -478,7 +478,7 @@ async def serve(map: Optional[Dict[int, Any]] = None) -> None:
         _loop.set_waker(st, None)
         # Back to the loop's stateless wait; loop() adapts from there.
         st.poller = None
-        st.spoll = st.sreg = None
+        st.spoll = None
         st.batch.clear()
         st.iters = st.nchg = st.nev = 0
         st.adapt_at = _loop._ADAPT_FIRST
