@@ -1491,7 +1491,24 @@ consult_vec(loopst *c, int select_mode)
                 goto out;
             if (q == mo)
                 continue;               /* the same small int: unchanged */
-            if ((s = PyObject_RichCompareBool(q, mo, Py_EQ)) != 0) {
+        }
+        m = PyLong_AsLong(mo);
+        if (m == -1 && PyErr_Occurred())
+            goto out;
+        if (pm != NULL) {
+            /* another object: _ask's masks are exact small ints, so most
+             * likely another value; compared as C longs (the generic
+             * compare costs ~100 instructions per flipped answer) */
+            PyObject *q = PyList_GetItem(pm, i);
+            long a;
+            if (q == NULL)
+                goto out;
+            if (PyLong_CheckExact(q)) {
+                if ((a = PyLong_AsLong(q)) == -1 && PyErr_Occurred())
+                    goto out;
+                if (a == m)
+                    continue;
+            } else if ((s = PyObject_RichCompareBool(q, mo, Py_EQ)) != 0) {
                 if (s < 0)
                     goto out;
                 continue;
@@ -1499,9 +1516,6 @@ consult_vec(loopst *c, int select_mode)
         }
         fd = PyTuple_GetItem(fds, i);
         remember_key(fd);
-        m = PyLong_AsLong(mo);
-        if (m == -1 && PyErr_Occurred())
-            goto out;
         if (apply_answer(c, fd, PyTuple_GetItem(objs, i), mo, m, stateless,
                          &nstateless) < 0)
             goto out;
