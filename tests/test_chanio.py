@@ -42,9 +42,9 @@ def sock_read(request):
 
 
 def test_socket_head_read_is_in_use_where_the_layout_matched(backend):
-    """CPython 3.9-3.13 on 64-bit Linux: the layout check passes, so the fast
-    path makes no fileno()/gettimeout() calls; sock_head(True) never turns
-    on an unchecked read."""
+    """CPython 3.9-3.13 on 64-bit Linux (GIL builds): the import-time layout
+    check passes, so the C methods read the socket's struct; sock_head(True)
+    never turns on a read the check did not pass."""
     if backend.NAME != "cffi":
         pytest.skip("the C methods run on the cffi backend only")
     from fastasyncore import asyncore       # its import runs the check
