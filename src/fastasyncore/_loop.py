@@ -263,25 +263,6 @@ def _can_poll_list() -> bool:
 
 _VEC_MIN = 8   # fewer consulted channels: the plain loop is never dearer
 
-# fd -> the key object the maps' dicts hold for it.  poll() and epoll return
-# new int objects for fds above 256 (smaller ones are shared), and a dict
-# lookup with an equal but other object compares values: three lookups per
-# event (owner, map, consulted), ~700 instructions per request of a
-# 1,000-connection client.  So dispatch swaps an event's fd for the key
-# adopted last under that number (any int equal to its index is right for
-# every map; one not the dict's own only makes a lookup slower).  The C
-# loop keeps the same cache (fa_cloop.c's g_keys).  Up to _KEYS_MAX fds.
-_SMALL_INT = 256
-_KEYS_MAX = 65536
-_KEYS: List[int] = list(range(_SMALL_INT + 1))
-
-
-def _remember_key(fd: int) -> None:
-    keys = _KEYS
-    if fd >= len(keys):
-        keys.extend(range(len(keys), min(max(fd + 1, 2 * len(keys)), _KEYS_MAX)))
-    keys[fd] = fd
-
 
 def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]]:
     """("w"|"r", fds, objs, ((fd, obj), ...)) when every consulted channel
@@ -569,8 +550,6 @@ class MapState:
             return
         managed, call_r, call_w = _classify(obj)
         self.owner[fd] = obj
-        if type(fd) is int and _SMALL_INT < fd < _KEYS_MAX:
-            _remember_key(fd)
         if managed:
             if self.consulted.pop(fd, None) is not None:
                 self.csnap = None
@@ -1386,7 +1365,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
     gen = -1
     svc = None                  # st.svc, read again when _states_gen moves
     busy = False                # the last stateless wait found events
-    keys = _KEYS
     skip = backoff = 0          # timeout-0 tries skipped after a miss
     try:
         while left and map:
@@ -1551,10 +1529,6 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
             # -- dispatch of the one event (the common case of a busy small
             # map): _dispatch() inline, one handler for POLLIN / POLLOUT
             fd, ev = events[0]
-            try:
-                fd = keys[fd]       # the map's own key object (_KEYS)
-            except IndexError:
-                pass
             if fd == wakefd:
                 st._woken()
                 svc = st.svc        # (made by the thread that woke us?)
@@ -1622,17 +1596,12 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     owner = st.owner
     pending = st.pending
     consulted = st.consulted
-    keys = _KEYS
     # After each handler of a managed channel: did it change what
     # readable()/writable() would answer?  (A predicate assigned on the
     # instance reaches reclassify() through the descriptor instead.)
     wakefd = st.wakefd
     if not select_mode:
         for fd, ev in events:
-            try:
-                fd = keys[fd]       # the map's own key object (_KEYS)
-            except IndexError:
-                pass
             if fd == wakefd:        # (checked first: a dead stale key may own it)
                 st._woken()
                 continue
@@ -1674,10 +1643,6 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     st.disp = ctx
     try:
         for fd, ev in events:
-            try:
-                fd = keys[fd]
-            except IndexError:
-                pass
             if fd == wakefd:
                 st._woken()
                 continue
