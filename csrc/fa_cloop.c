@@ -123,8 +123,8 @@ add_nchg(PyObject *st, Py_ssize_t n)
 /* The consult changed masks without a poller (nstateless): st.spoll, the
  * Python loop's select.poll that mirrors the mask, did not get them.  Drop
  * it (the Python wait builds it again from the mask), so that the Python
- * loop can trust spoll whenever it is there and never compares the two
- * dicts (an O(n) compare per loop() call, which a `loop(count=1)` in a
+ * loop can trust spoll whenever it is there and never checks it against
+ * the mask (an O(n) compare per loop() call, which a `loop(count=1)` in a
  * user's own loop -- a common pattern -- pays per iteration). */
 static int
 spoll_stale(PyObject *st)
