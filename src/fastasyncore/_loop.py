@@ -358,7 +358,7 @@ class MapState:
         # The Python loop's stateless wait (poller None): a select.poll kept
         # in line with `mask` (see _spoll()).
         self.spoll: Any = None
-        # [owner.get, mask.get, events] of a select-mode dispatch pass in
+        # [owner, mask.get, events] of a select-mode dispatch pass in
         # progress (_dispatch()); _freeze() points the first two at copies.
         self.disp: Optional[List[Any]] = None
         # fd -> channel never registered: its socket was closed (fileno()
@@ -499,7 +499,7 @@ class MapState:
         owner = self.owner
         mask = self.mask
         fds = [e[0] for e in ctx[2]]              # type: ignore[index]
-        ctx[0] = {fd: owner.get(fd) for fd in fds}.get  # type: ignore[index]
+        ctx[0] = {fd: owner.get(fd) for fd in fds}  # type: ignore[index]
         ctx[1] = {fd: mask.get(fd, 0) for fd in fds}.get  # type: ignore[index]
 
     def _drop(self, fd: Any) -> None:
@@ -729,21 +729,22 @@ class MapState:
                 else:
                     m = _READ
                 try:
-                    cur = mask[fd]      # (registered: m is never 0 here)
+                    if mask[fd] == m:   # (a subscript: no method call)
+                        continue
                 except KeyError:
-                    cur = 0
-                if cur != m:
+                    # not registered (m is never 0 here): a channel closed
+                    # by an earlier answer, or not adopted yet
                     changed += 1
-                    if cur:                 # (m is never 0 here)
-                        mask[fd] = m
-                        if sp is None:
-                            batch[fd] = m
-                        else:
-                            sp.register(fd, m)
-                    else:
-                        rare += 1
-                        if owner.get(fd) is obj:   # not closed by an earlier answer
-                            self._set_mask(fd, m)
+                    rare += 1
+                    if owner.get(fd) is obj:   # not closed by an earlier answer
+                        self._set_mask(fd, m)
+                    continue
+                changed += 1
+                mask[fd] = m
+                if sp is None:
+                    batch[fd] = m
+                else:
+                    sp.register(fd, m)
         else:
             extra = POLLPRI if select_mode else 0
             w_only = extra | POLLOUT
@@ -752,7 +753,11 @@ class MapState:
                     m = _READ if obj.accepting else _RW
                 else:
                     m = extra if obj.accepting else w_only
-                cur = mask.get(fd, 0)
+                try:
+                    cur = mask[fd]
+                except KeyError:
+                    cur = 0     # not registered: m 0 (a paused listener, poll
+                                # mode), or closed by an earlier answer
                 if cur != m:
                     changed += 1
                     if cur and m:
@@ -1535,8 +1540,9 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                     _svc_run(st, map, select_mode)
                 continue
-            obj = owner.get(fd)
-            if obj is None:
+            try:
+                obj = owner[fd]     # (the wait reports registered fds: mask's
+            except KeyError:        # keys, all owned; a subscript, no call)
                 continue
             if select_mode:
                 if ev == POLLIN:
@@ -1605,8 +1611,11 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if fd == wakefd:        # (checked first: a dead stale key may own it)
                 st._woken()
                 continue
-            obj = owner.get(fd)
-            if obj is None or map.get(fd) is not obj:
+            try:
+                obj = owner[fd]     # (absent: closed by an earlier handler)
+            except KeyError:
+                continue
+            if map.get(fd) is not obj:
                 continue
             if ev == POLLIN or ev == POLLOUT:
                 # _readwrite() of one handler, inline (the common events)
@@ -1638,7 +1647,7 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     # the rest of the pass (MapState._freeze(): ctx[0], ctx[1] redirected).
     writes: Optional[List[Tuple[Any, Any]]] = None
     expts: Optional[List[Tuple[Any, Any]]] = None
-    ctx = [owner.get, st.mask.get, events]
+    ctx = [owner, st.mask.get, events]
     outer = st.disp
     st.disp = ctx
     try:
@@ -1646,7 +1655,10 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if fd == wakefd:
                 st._woken()
                 continue
-            obj = ctx[0](fd)
+            try:
+                obj = ctx[0][fd]    # (None: frozen for an fd no one owned)
+            except KeyError:        # (live: closed by an earlier handler)
+                continue
             if obj is None:
                 continue
             if ev != POLLIN:

@@ -190,7 +190,6 @@ class async_chat(asyncore.dispatcher):
         # have assigned ac_in_buffer or called discard_buffers()).
         fast = None     # get_terminator() not overridden?  Asked when needed.
         while len(buf) > pos:
-            lb = len(buf) - pos
             terminator = self.get_terminator()
             if not terminator:
                 # no terminator, collect it all
@@ -199,6 +198,8 @@ class async_chat(asyncore.dispatcher):
             elif isinstance(terminator, int):
                 # numeric terminator
                 n = terminator
+                lb = len(buf) - pos     # (3.11's lb: buf, pos are not reloaded
+                                        # after get_terminator())
                 if lb < n:
                     self.collect_incoming_data(buf[pos:] if pos else buf)
                     self.ac_in_buffer = b''
@@ -250,7 +251,7 @@ class async_chat(asyncore.dispatcher):
                     # check for a prefix of the terminator
                     index = _prefix_at_end(buf, pos, terminator)
                     if index:
-                        if index != lb:
+                        if index != len(buf) - pos:
                             # we found a prefix, collect up to the prefix
                             self.collect_incoming_data(buf[pos:len(buf) - index])
                             self.ac_in_buffer = self.ac_in_buffer[-index:]
