@@ -732,8 +732,9 @@ class MapState:
                     if mask[fd] == m:   # (a subscript: no method call)
                         continue
                 except KeyError:
-                    # not registered (m is never 0 here): a channel closed
-                    # by an earlier answer, or not adopted yet
+                    # not registered (m is never 0 here): the channel's
+                    # first answer (_adopt leaves a consulted channel to its
+                    # first consult), or one closed by an earlier answer
                     changed += 1
                     rare += 1
                     if owner.get(fd) is obj:   # not closed by an earlier answer
@@ -756,8 +757,9 @@ class MapState:
                 try:
                     cur = mask[fd]
                 except KeyError:
-                    cur = 0     # not registered: m 0 (a paused listener, poll
-                                # mode), or closed by an earlier answer
+                    cur = 0     # not registered: the first answer, an
+                                # answer of 0 (a paused listener, poll mode),
+                                # or a channel closed by an earlier answer
                 if cur != m:
                     changed += 1
                     if cur and m:
