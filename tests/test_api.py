@@ -155,3 +155,37 @@ def test_loop_is_visible_and_follows_backend_and_env():
     assert r.stdout.strip() == "py"
     with pytest.raises(ValueError):
         _loop.set_loop("fast")
+
+
+def test_accepting_is_an_instance_attribute_unless_a_subclass_redefines_it(impl):
+    # fastasyncore copies the class's plain False to the instance (CPython
+    # 3.11 reads instance values inline, class attributes only generically:
+    # docs/compatibility.md); 3.11 leaves it on the class.  The value read
+    # is the same, and a subclass's own accepting is never shadowed.
+    ours = impl.name != "stdlib"
+    d = impl.asyncore.dispatcher(map={})
+    assert d.accepting is False
+    assert ("accepting" in vars(d)) is ours
+
+    class Flagged(impl.asyncore.dispatcher):
+        accepting = True
+
+    class Computed(impl.asyncore.dispatcher):
+        @property
+        def accepting(self):
+            return "computed"
+
+    f, c = Flagged(map={}), Computed(map={})
+    assert f.accepting is True and "accepting" not in vars(f)
+    assert c.accepting == "computed" and "accepting" not in vars(c)
+
+    m = {}
+    s = impl.asyncore.dispatcher(map=m)
+    s.create_socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        assert s.accepting is True
+    finally:
+        s.close()
+    assert s.accepting is False and not m

@@ -261,6 +261,15 @@ class dispatcher:
             self._map = map
 
         self._fileno = None
+        if type(self).accepting is False:
+            # The class's plain False, copied to the instance (the value
+            # read is the same): every event and every consult of a
+            # writable() that answers True reads self.accepting, and
+            # CPython 3.11's specializing interpreter reads an instance
+            # value inline (~15 instructions) but a class attribute through
+            # an instance only generically (~170).  Never where a subclass
+            # made accepting something else (a property, True).
+            self.accepting = False
 
         if sock:
             # Set to nonblocking just to make sure for cases where we
