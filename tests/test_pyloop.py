@@ -436,3 +436,39 @@ def test_select_dispatch_matches_the_c_loop(socks, loop_mode, nested):
             finally:
                 _loop.set_loop("auto")
     assert out["c"] == out["py"]
+
+
+# ---------------------------------------------------------------------------
+# _keys: the map's own key object per fd number, for identity hits in the
+# dispatch's dict lookups
+
+def test_high_fds_dispatch_with_the_maps_own_keys(pyloop, use_poll, socks):
+    # fds above 256 are not shared int objects: the dispatch swaps the
+    # wait's fd for the map's key.  Events still reach exactly their owners,
+    # and every entry of _keys stays an int equal to its index (a stale one
+    # is only slower, never wrong).
+    import os
+    pad = [os.dup(0) for _ in range(300)]   # push the pair's fds above 256
+    try:
+        log, m = [], {}
+        a, b = socks.pair()
+        c, d = socks.pair()
+        R = _reader(pyloop, log, None)
+        ra, rc = R(a, map=m), R(c, map=m)
+        assert min(a.fileno(), c.fileno()) > 256
+        ra.name, rc.name = "a", "c"
+        R.handle_read = lambda self: log.append((self.name, self.recv(100)))
+        b.send(b"x")
+        d.send(b"y")
+        for _ in range(20):
+            pyloop.loop(timeout=0.05, use_poll=use_poll, map=m, count=1)
+            if len(log) == 2:
+                break
+        assert sorted(log) == [("a", b"x"), ("c", b"y")]
+        for fd in (a.fileno(), c.fileno()):
+            assert _loop._keys[fd] is next(k for k in m if k == fd)
+        assert all(type(k) is int and k == i for i, k in enumerate(_loop._keys))
+        pyloop.close_all(map=m)
+    finally:
+        for fd in pad:
+            os.close(fd)

@@ -240,6 +240,22 @@ _INT_MAX = 2**31 - 1
 _get_ident = threading.get_ident
 _monotonic = time.monotonic        # (fa_cloop.c reads it where not Linux)
 _INF = float("inf")
+# The map's own key object for each fd number (fa_cloop.c's g_keys): the
+# wait reports fds as new int objects (above 256, where ints are not
+# shared), and a dict lookup with an equal but distinct key pays a rich
+# compare (~110 instructions) where the identical one is a pointer test.
+# The dispatch makes several per event (owner, map, consulted).  Any value
+# at index i is an int equal to i, so a stale entry is only slower.
+_keys: List[Any] = list(range(1024))
+_KEYS_MAX = 65536
+
+
+def _remember_key(fd: Any) -> None:
+    if type(fd) is int and 256 < fd < _KEYS_MAX:
+        n = len(_keys)
+        if fd >= n:
+            _keys.extend(range(n, min(2 * fd, _KEYS_MAX)))
+        _keys[fd] = fd
 try:
     from select import poll as _select_poll
 except ImportError:         # pragma: no cover - no poll() here (Windows)
@@ -549,6 +565,7 @@ class MapState:
                 self.faults.append((fd, obj, err))
             return
         managed, call_r, call_w = _classify(obj)
+        _remember_key(fd)
         self.owner[fd] = obj
         if managed:
             if self.consulted.pop(fd, None) is not None:
@@ -1608,11 +1625,16 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
     # readable()/writable() would answer?  (A predicate assigned on the
     # instance reaches reclassify() through the descriptor instead.)
     wakefd = st.wakefd
+    keys = _keys
     if not select_mode:
         for fd, ev in events:
             if fd == wakefd:        # (checked first: a dead stale key may own it)
                 st._woken()
                 continue
+            try:
+                fd = keys[fd]       # the map's own key object (_keys)
+            except IndexError:
+                pass
             try:
                 obj = owner[fd]     # (absent: closed by an earlier handler)
             except KeyError:
@@ -1657,6 +1679,10 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             if fd == wakefd:
                 st._woken()
                 continue
+            try:
+                fd = keys[fd]       # the map's own key object (_keys)
+            except IndexError:
+                pass
             try:
                 obj = ctx[0][fd]    # (None: frozen for an fd no one owned)
             except KeyError:        # (live: closed by an earlier handler)
