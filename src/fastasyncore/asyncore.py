@@ -241,6 +241,12 @@ class _managed_predicate(_loop.WatchedPredicate):
 _INHERITED = _loop.INHERITED
 
 
+# Only on 3.11: 3.12+ specialize a class attribute read through an instance
+# (LOAD_ATTR_NONDESCRIPTOR_*) but not one the instance shadows, so there the
+# copy would make every read generic (see dispatcher.__init__).
+_COPY_ACCEPTING = sys.version_info[:2] == (3, 11)
+
+
 class dispatcher:
 
     debug = False
@@ -261,7 +267,7 @@ class dispatcher:
             self._map = map
 
         self._fileno = None
-        if type(self).accepting is False:
+        if _COPY_ACCEPTING and type(self).accepting is False:
             # The class's plain False, copied to the instance (the value
             # read is the same): every event and every consult of a
             # writable() that answers True reads self.accepting, and
