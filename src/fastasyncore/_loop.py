@@ -524,11 +524,14 @@ class MapState:
         if self.dead:
             self.dead.pop(fd, None)
         self.owner.pop(fd, None)
-        self.reclass.discard(fd)
-        self.suspended.pop(fd, None)
+        if self.reclass:            # (mostly empty: a test is cheaper)
+            self.reclass.discard(fd)
+        if self.suspended:
+            self.suspended.pop(fd, None)
         if self.consulted.pop(fd, None) is not None:
             self.csnap = None
-        self.batch.pop(fd, None)
+        if self.batch:
+            self.batch.pop(fd, None)
         if fd in self.mask:
             del self.mask[fd]
             self.nchg += 1
@@ -565,7 +568,11 @@ class MapState:
                 self.faults.append((fd, obj, err))
             return
         managed, call_r, call_w = _classify(obj)
-        _remember_key(fd)
+        if type(fd) is int and fd > 256:
+            try:
+                _keys[fd] = fd          # (_remember_key() inline)
+            except IndexError:
+                _remember_key(fd)
         self.owner[fd] = obj
         if managed:
             if self.consulted.pop(fd, None) is not None:
@@ -876,7 +883,15 @@ def _state(map: Dict[Any, Any]) -> MapState:
 def touch(obj: Any) -> None:
     """A managed channel's state changed: recompute its interest before the next wait."""
     try:
-        if obj._fa_mask() == obj._fa_regmask:
+        rm = obj._fa_regmask
+        if rm == -1 and not _wakers:
+            # Never registered as a managed channel (a consulted one, or one
+            # no loop has met yet): the consult that asks it every
+            # iteration, or its adoption, reads the new state.  (A client's
+            # connect() and handle_connect_event() land here: two calls and
+            # a pending entry per connection saved.)
+            return
+        if obj._fa_mask() == rm:
             return      # the kernel already has this interest: nothing to do
         st = _states.get(id(obj._map))
     except AttributeError:
