@@ -256,6 +256,8 @@ def _remember_key(fd: Any) -> None:
         if fd >= n:
             _keys.extend(range(n, min(2 * fd, _KEYS_MAX)))
         _keys[fd] = fd
+
+
 try:
     from select import poll as _select_poll
 except ImportError:         # pragma: no cover - no poll() here (Windows)
