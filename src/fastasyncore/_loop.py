@@ -251,11 +251,13 @@ _KEYS_MAX = 65536
 
 
 def _remember_key(fd: Any) -> None:
-    if type(fd) is int and 256 < fd < _KEYS_MAX:
-        n = len(_keys)
-        if fd >= n:
-            _keys.extend(range(n, min(2 * fd, _KEYS_MAX)))
-        _keys[fd] = fd
+    if type(fd) is int and fd > 256:
+        try:
+            _keys[fd] = fd
+        except IndexError:
+            if fd < _KEYS_MAX:
+                _keys.extend(range(len(_keys), min(2 * fd, _KEYS_MAX)))
+                _keys[fd] = fd
 
 
 try:
@@ -570,11 +572,7 @@ class MapState:
                 self.faults.append((fd, obj, err))
             return
         managed, call_r, call_w = _classify(obj)
-        if type(fd) is int and fd > 256:
-            try:
-                _keys[fd] = fd          # (_remember_key() inline)
-            except IndexError:
-                _remember_key(fd)
+        _remember_key(fd)
         self.owner[fd] = obj
         if managed:
             if self.consulted.pop(fd, None) is not None:
@@ -1576,6 +1574,10 @@ def run(map: Dict[Any, Any], timeout: Optional[float], select_mode: bool,
                 if svc is not None and (svc.calls or svc.ready or svc.due[0] <= _monotonic()):
                     _svc_run(st, map, select_mode)
                 continue
+            try:
+                fd = _keys[fd]      # the map's own key object (_keys)
+            except IndexError:
+                pass
             try:
                 obj = owner[fd]     # (the wait reports registered fds: mask's
             except KeyError:        # keys, all owned; a subscript, no call)
