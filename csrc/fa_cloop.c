@@ -1384,6 +1384,33 @@ ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
  * removal goes through _set_mask(), which validates the key and applies it
  * at once -- unless an earlier answer in this pass closed the channel.
  * Returns 1 if the answer was a change, 0 if not, -1 on error. */
+/* Would _loop._check_key() accept fd without a word?  An exact int in
+ * [0, INT_MAX]; anything else (a subclass, a negative or huge number) goes
+ * through _set_mask(), which raises what it raises. */
+static int
+first_key_ok(PyObject *fd)
+{
+    int overflow = 0;
+    long v;
+    if (!PyLong_CheckExact(fd))
+        return 0;
+    v = PyLong_AsLongAndOverflow(fd, &overflow);
+    return !overflow && v >= 0 && v <= INT_MAX;
+}
+
+/* st.poller is None now?  (Read again: a predicate asked earlier in this
+ * pass may have run a nested loop on the map, whose adapt() made one.)
+ * 1, 0, -1. */
+static int
+still_stateless(loopst *c)
+{
+    PyObject *p = PyObject_GetAttr(c->st, S.poller);
+    if (p == NULL)
+        return -1;
+    Py_DECREF(p);                       /* compared with None only */
+    return p == Py_None;
+}
+
 static int
 apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
              int stateless, Py_ssize_t *nstateless)
@@ -1413,7 +1440,28 @@ apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
         s = 0;
         if (o == NULL && PyErr_Occurred())
             s = -1;
-        else if (o == obj) {
+        else if (o == obj && stateless && m && first_key_ok(fd) &&
+                 (s = still_stateless(c)) > 0) {
+            /* _set_mask()'s first registration without a poller, here: a
+             * consulted channel's first answer, once per connection (a
+             * client making 1,000 connections pays a Python call and the
+             * key check ~2,500 instructions each otherwise).  The same
+             * steps: no batched change survives, the key is valid (an int
+             * _check_key() accepts), the mask records it, nchg counts it
+             * (flush()'s count, via *nstateless; that also drops st.spoll,
+             * which does not have it). */
+            s = 0;
+            if (PyDict_Size(c->batch) && PyDict_DelItem(c->batch, fd) < 0) {
+                if (PyErr_ExceptionMatches(PyExc_KeyError))
+                    PyErr_Clear();
+                else
+                    s = -1;
+            }
+            if (s == 0 && (s = PyDict_SetItem(c->mask, fd, mo)) == 0)
+                (*nstateless)++;
+        } else if (s < 0) {
+            ;
+        } else if (o == obj) {
             r = PyObject_CallMethodObjArgs(c->st, S.set_mask, fd, mo, NULL);
             if (r == NULL)
                 s = -1;

@@ -764,6 +764,79 @@ def test_c_loop_changes_leave_no_stale_python_poll(n, use_poll, socks):
     assert asked == {i: 80 for i in range(n)}
 
 
+@pytest.mark.parametrize("n", [4, 30], ids=["plain", "vectorized"])
+def test_consulted_channels_first_answers_register_them(aco, n, use_poll, socks):
+    """A consulted channel's first answer is its first registration (in C
+    for a channel adopted while the C loop runs, inline in _consult_vec for
+    the Python pass): channels made before loop() and channels a handler
+    makes during a loop() call are served from their first iteration on;
+    the mask and the change count (nchg, what adapt() weighs) have them."""
+    asyncore = aco
+    m, wrote = {}, []
+
+    class Writer(asyncore.dispatcher):
+        def writable(self):
+            return self.left > 0
+
+        def handle_write(self):
+            wrote.append((self.tag, turn[0]))
+            self.left -= 1
+            if self.tag < n and self.left == 0:
+                # one more channel each: adopted while the loop runs
+                Writer(socks.pair()[0], map=m).setup(self.tag + n)
+
+        def setup(self, tag):
+            self.tag, self.left = tag, 1
+
+    turn = [0]
+    for i in range(n):
+        Writer(socks.pair()[0], map=m).setup(i)
+    assert _loop._force_mode is None
+    st = None
+    try:
+        for turn[0] in range(3):
+            asyncore.loop(timeout=0.5, use_poll=use_poll, map=m, count=1)
+            if st is None:
+                st = _loop._states[id(m)]
+                assert st.poller is None        # (the stateless wait)
+            if turn[0] == 0:
+                nchg0 = st.nchg
+        mask = dict(st.mask)
+    finally:
+        asyncore.close_all(map=m)
+    assert sorted(wrote) == [(i, 0) for i in range(n)] + [(i + n, 1) for i in range(n)]
+    assert len(mask) == 2 * n and set(mask.values()) == {_loop._READ}
+    # turn 1: the n new channels registered, and the n old ones' answers
+    # moved to read only
+    assert st.nchg - nchg0 >= 2 * n
+
+
+def test_consulted_channel_under_a_bad_key_raises_at_registration(aco, use_poll, socks):
+    """A consulted channel mapped under a key no poll accepts: the loop
+    raises what _check_key raises (3.11: select()/poll() raise ValueError),
+    from the Python pass and from the C one alike; nothing is recorded."""
+    asyncore = aco
+
+    class W(asyncore.dispatcher):
+        def writable(self):
+            return True
+
+    for key, exc in ((-3, ValueError), (2 ** 40, OverflowError)):
+        m = {}
+        ok = W(socks.pair()[0], map=m)
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)   # state made
+        bad = W(socks.pair()[0], map={})
+        m[key] = bad
+        try:
+            with pytest.raises(exc):
+                asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+            assert key not in _loop._states[id(m)].mask
+        finally:
+            del m[key]
+            bad.close()
+            ok.close()
+
+
 def test_vectorized_consult_predicate_closes_a_channel_or_raises(aco, use_poll, socks):
     """The same map: a writable() that closes another channel (the victim is
     still asked in that iteration, as 3.11 asks every channel of its

@@ -93,6 +93,9 @@ class WatchedPredicate:
 # WatchedPredicate keeps an instance's override, or None where the class's
 # predicate is something else (cleared with _class_cache)
 _slot_cache: Dict[type, Tuple[Optional[str], Optional[str]]] = {}
+# class -> _class_cache's triple + _slot_cache's pair (_kind(), cleared
+# with them)
+_kind_cache: Dict[type, Tuple[bool, bool, bool, Optional[str], Optional[str]]] = {}
 
 
 #: _fa_mask functions the C loop computes itself instead of calling them
@@ -108,6 +111,7 @@ def register_managed(cls: type, c_mask: Optional[str] = None) -> None:
     _MANAGED_TRIPLES.add((cls.readable, cls.writable, cls._fa_mask))
     _class_cache.clear()
     _slot_cache.clear()
+    _kind_cache.clear()
     if c_mask is not None:
         C_MASKS[cls.__dict__["_fa_mask"]] = _C_MASK_KINDS[c_mask]
     _states_changed()
@@ -214,14 +218,36 @@ def _own(obj: Any, slot: Optional[str], name: str) -> bool:
     return _instance_overrides(obj, name)
 
 
+def _kind(cls: type) -> Tuple[bool, bool, bool, Optional[str], Optional[str]]:
+    """_classify_class(cls) + _slots(cls), one cached tuple (one lookup per
+    channel a loop adopts: a client making connections adopts one each)."""
+    try:
+        return _kind_cache[cls]
+    except KeyError:
+        res = _kind_cache[cls] = _classify_class(cls) + _slots(cls)
+        return res
+
+
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
-    cls = type(obj)
-    managed, call_r, call_w = _classify_class(cls)
-    slot_r, slot_w = _slots(cls)
+    try:
+        managed, call_r, call_w, slot_r, slot_w = _kind_cache[type(obj)]
+    except KeyError:
+        managed, call_r, call_w, slot_r, slot_w = _kind(type(obj))
     # a predicate already asked needs no look at the instance: its own one
-    # is found by the call (and managed is False whenever one is asked)
-    own_r = not call_r and _own(obj, slot_r, "readable")
-    own_w = not call_w and _own(obj, slot_w, "writable")
+    # is found by the call (and managed is False whenever one is asked);
+    # _own(), inline where the class's predicate keeps its slot
+    if call_r:
+        own_r = False
+    elif slot_r is not None:
+        own_r = getattr(obj, slot_r, INHERITED) is not INHERITED
+    else:
+        own_r = _instance_overrides(obj, "readable")
+    if call_w:
+        own_w = False
+    elif slot_w is not None:
+        own_w = getattr(obj, slot_w, INHERITED) is not INHERITED
+    else:
+        own_w = _instance_overrides(obj, "writable")
     if own_r or own_w:
         return False, call_r or own_r, call_w or own_w
     return managed, call_r, call_w
@@ -418,8 +444,8 @@ class MapState:
             if self.poller is not None:
                 self.poller.modify(fd, m)
             else:
-                if m:
-                    _check_key(fd)
+                if m and not (type(fd) is int and 0 <= fd <= _INT_MAX):
+                    _check_key(fd)      # (raises)
                 sp = self.spoll
                 if sp is not None:
                     if m:
@@ -551,7 +577,14 @@ class MapState:
 
     def _adopt(self, fd: Any, obj: Any) -> None:
         err = 0
-        if self.dead.get(fd) is obj or _socket_closed(obj):
+        if self.dead and self.dead.get(fd) is obj:
+            closed = True
+        else:
+            try:                # its socket closed without close()?
+                closed = obj.socket.fileno() == -1
+            except Exception:
+                closed = False
+        if closed:
             # Closed behind the dispatcher before the loop met it: its old
             # number may belong to anything now (our own poller, another
             # socket), so it is never registered.  3.11 would get EBADF
@@ -572,7 +605,8 @@ class MapState:
                 self.faults.append((fd, obj, err))
             return
         managed, call_r, call_w = _classify(obj)
-        _remember_key(fd)
+        if type(fd) is int and fd > 256:
+            _remember_key(fd)
         self.owner[fd] = obj
         if managed:
             if self.consulted.pop(fd, None) is not None:
@@ -829,7 +863,8 @@ class MapState:
         batch = self.batch
         owner = self.owner
         sp = self._direct()
-        direct = 0
+        stateless = self.poller is None
+        direct = first = 0
         for fd, obj, m in todo:
             cur = mask.get(fd, 0)
             if cur != m:
@@ -840,8 +875,21 @@ class MapState:
                     else:
                         sp.register(fd, m)
                         direct += 1
-                elif owner.get(fd) is obj:   # not closed by an earlier answer
+                elif owner.get(fd) is not obj:
+                    continue            # closed by an earlier answer
+                elif m and stateless and type(fd) is int and 0 <= fd <= _INT_MAX:
+                    # _set_mask()'s first registration without a poller,
+                    # inline: once per new channel (all of them, for a
+                    # client that opens its connections before the loop)
+                    batch.pop(fd, None)
+                    mask[fd] = m
+                    if sp is not None:
+                        sp.register(fd, m)
+                    first += 1
+                else:
                     self._set_mask(fd, m)
+        if first:
+            self.nchg += first
         if sp is not None:
             self.nchg += direct
             if self.spoll is not sp:
@@ -1006,14 +1054,6 @@ def poller_kind() -> str:
 # Dispatch: the same exception routing as asyncore 3.11's read/write/_exception
 # and readwrite, plus the owner checks.
 
-
-
-def _socket_closed(obj: Any) -> bool:
-    """obj's socket says fileno() == -1: closed without close()."""
-    try:
-        return obj.socket.fileno() == -1
-    except Exception:
-        return False
 
 
 def _route_fault(obj: Any, ev: int) -> None:
