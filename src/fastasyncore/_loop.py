@@ -545,7 +545,7 @@ class MapState:
         owner = self.owner
         mask = self.mask
         fds = [e[0] for e in ctx[2]]              # type: ignore[index]
-        ctx[0] = {fd: owner.get(fd) for fd in fds}  # type: ignore[index]
+        ctx[0] = {fd: owner[fd] for fd in fds if fd in owner}  # type: ignore[index]
         ctx[1] = {fd: mask.get(fd, 0) for fd in fds}.get  # type: ignore[index]
 
     def _drop(self, fd: Any) -> None:
@@ -1743,10 +1743,8 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
             except IndexError:
                 pass
             try:
-                obj = ctx[0][fd]    # (None: frozen for an fd no one owned)
-            except KeyError:        # (live: closed by an earlier handler)
-                continue
-            if obj is None:
+                obj = ctx[0][fd]    # (absent: closed by an earlier handler,
+            except KeyError:        # or no one's when the pass was frozen)
                 continue
             if ev != POLLIN:
                 # (POLLIN alone or POLLOUT alone, the common cases: the kernel
