@@ -1376,14 +1376,6 @@ ask(PyObject *obj, PyObject *call_r, PyObject *call_w, int extra, long *m)
     return 0;
 }
 
-/* Apply channel obj's consulted answer m (mo: the same as an int object, or
- * NULL) for key fd, if it differs from the mask in force.  A change between
- * two nonzero masks goes into the batch for a persistent poller; without one
- * flush() only counts it (*nstateless), which saves a dict insert: the docs
- * pattern changes two answers per message.  A first registration or a
- * removal goes through _set_mask(), which validates the key and applies it
- * at once -- unless an earlier answer in this pass closed the channel.
- * Returns 1 if the answer was a change, 0 if not, -1 on error. */
 /* Would _loop._check_key() accept fd without a word?  An exact int in
  * [0, INT_MAX]; anything else (a subclass, a negative or huge number) goes
  * through _set_mask(), which raises what it raises. */
@@ -1411,6 +1403,16 @@ still_stateless(loopst *c)
     return p == Py_None;
 }
 
+/* Apply channel obj's consulted answer m (mo: the same as an int object, or
+ * NULL) for key fd, if it differs from the mask in force.  A change between
+ * two nonzero masks goes into the batch for a persistent poller; without one
+ * flush() only counts it (*nstateless), which saves a dict insert: the docs
+ * pattern changes two answers per message.  A first registration without a
+ * poller is made here too (_set_mask()'s steps, for a key it would accept);
+ * any other first registration, and a removal, goes through _set_mask(),
+ * which validates the key and applies it at once -- unless an earlier
+ * answer in this pass closed the channel.
+ * Returns 1 if the answer was a change, 0 if not, -1 on error. */
 static int
 apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
              int stateless, Py_ssize_t *nstateless)
