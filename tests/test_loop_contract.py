@@ -67,6 +67,39 @@ def test_readable_writable_called_in_map_order(impl, use_poll):
             p.close()
 
 
+@pytest.mark.parametrize("n", [3, 12], ids=["plain", "vectorized"])
+def test_closed_consulted_channel_is_let_go_of_at_once(impl, use_poll, n):
+    """A channel that overrides writable() and is closed between two loop()
+    calls is no longer referenced by the loop's bookkeeping: with the last
+    reference of the program dropped it is gone, without another iteration
+    (3.11 keeps nothing between iterations).  The consulted snapshot of
+    12 such channels (the vectorized consult's tuples) must not hold it."""
+    import weakref
+    asyncore = impl.asyncore
+
+    class W(asyncore.dispatcher):
+        def writable(self):
+            return False
+
+    m, peers = {}, []
+    try:
+        for _ in range(n):
+            s, p = pair()
+            peers.append(p)
+            W(s, map=m)
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
+        victim = next(iter(m.values()))
+        ref = weakref.ref(victim)
+        victim.close()
+        del victim
+        gc.collect()
+        assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()
+
+
 def test_truthiness_of_non_bool_answers(impl, use_poll):
     asyncore = impl.asyncore
     m = {}

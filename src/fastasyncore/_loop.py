@@ -559,7 +559,9 @@ class MapState:
         if self.suspended:
             self.suspended.pop(fd, None)
         if self.consulted.pop(fd, None) is not None:
-            self.csnap = None
+            # (cvec too: it holds the channel until the next consult
+            # rebuilds both, so a closed channel is let go of at once)
+            self.csnap = self.cvec = None
         if self.batch:
             self.batch.pop(fd, None)
         if fd in self.mask:
