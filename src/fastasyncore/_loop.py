@@ -236,18 +236,10 @@ def _classify(obj: Any) -> Tuple[bool, bool, bool]:
     # a predicate already asked needs no look at the instance: its own one
     # is found by the call (and managed is False whenever one is asked);
     # _own(), inline where the class's predicate keeps its slot
-    if call_r:
-        own_r = False
-    elif slot_r is not None:
-        own_r = getattr(obj, slot_r, INHERITED) is not INHERITED
-    else:
-        own_r = _instance_overrides(obj, "readable")
-    if call_w:
-        own_w = False
-    elif slot_w is not None:
-        own_w = getattr(obj, slot_w, INHERITED) is not INHERITED
-    else:
-        own_w = _instance_overrides(obj, "writable")
+    own_r = not call_r and (getattr(obj, slot_r, INHERITED) is not INHERITED
+                            if slot_r is not None else _own(obj, None, "readable"))
+    own_w = not call_w and (getattr(obj, slot_w, INHERITED) is not INHERITED
+                            if slot_w is not None else _own(obj, None, "writable"))
     if own_r or own_w:
         return False, call_r or own_r, call_w or own_w
     return managed, call_r, call_w
