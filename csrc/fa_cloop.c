@@ -557,7 +557,7 @@ out:
 
 
 /* Which of the library's _fa_mask functions a class has (_loop.C_MASKS):
- * 1..3, -2 none, -1 error.  Cached per class, as _loop._class_cache caches
+ * 1..3, -2 none, -1 error.  Cached per class, as _loop._kind_cache caches
  * the managed classification (a class whose _fa_mask is replaced after its
  * channels were first polled keeps its kind; _loop.register_managed()
  * clears the cache).  The cache holds its classes (no address reuse). */

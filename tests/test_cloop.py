@@ -776,8 +776,8 @@ def test_c_loop_changes_leave_no_stale_python_poll(n, use_poll, socks):
 @pytest.mark.parametrize("n", [4, 30], ids=["plain", "vectorized"])
 def test_consulted_channels_first_answers_register_them(aco, n, use_poll, socks):
     """A consulted channel's first answer is its first registration (in C
-    for a channel adopted while the C loop runs, inline in _consult_vec for
-    the Python pass): channels made before loop() and channels a handler
+    for a channel adopted while the C loop runs, through _set_mask() in the
+    Python pass): channels made before loop() and channels a handler
     makes during a loop() call are served from their first iteration on;
     the mask and the change count (nchg, what adapt() weighs) have them."""
     asyncore = aco

@@ -71,9 +71,8 @@ DISCONNECTED = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN,
 # registered and both predicates are still the API module's data descriptors
 # (so that an assignment on an instance reaches reclassify()): then
 # _fa_mask() computes, from plain attributes, exactly what readable()/
-# writable() would answer.  Cached per class.
+# writable() would answer.  Cached per class (_kind_cache).
 _MANAGED_TRIPLES: Set[Tuple[Any, Any, Any]] = set()
-_class_cache: Dict[type, Tuple[bool, bool, bool]] = {}
 
 #: Class default of the slots where the predicate descriptors keep an
 #: instance's own readable/writable: "none assigned".
@@ -89,12 +88,7 @@ class WatchedPredicate:
     _slot: str
 
 
-# class -> (slot of readable, slot of writable): the attribute where a
-# WatchedPredicate keeps an instance's override, or None where the class's
-# predicate is something else (cleared with _class_cache)
-_slot_cache: Dict[type, Tuple[Optional[str], Optional[str]]] = {}
-# class -> _class_cache's triple + _slot_cache's pair (_kind(), cleared
-# with them)
+# class -> _classify_class()'s triple + _slots()'s pair (_kind())
 _kind_cache: Dict[type, Tuple[bool, bool, bool, Optional[str], Optional[str]]] = {}
 
 
@@ -109,8 +103,6 @@ def register_managed(cls: type, c_mask: Optional[str] = None) -> None:
     """Declare that ``cls``'s readable/writable are mirrored by its _fa_mask
     (which the C loop may compute as ``c_mask`` describes)."""
     _MANAGED_TRIPLES.add((cls.readable, cls.writable, cls._fa_mask))
-    _class_cache.clear()
-    _slot_cache.clear()
     _kind_cache.clear()
     if c_mask is not None:
         C_MASKS[cls.__dict__["_fa_mask"]] = _C_MASK_KINDS[c_mask]
@@ -131,10 +123,6 @@ def _is_watched(cls: type, name: str) -> bool:
 
 def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
     """-> (managed, must_call_readable, must_call_writable)."""
-    try:
-        return _class_cache[cls]
-    except KeyError:
-        pass
     r = getattr(cls, "readable", None)
     w = getattr(cls, "writable", None)
     m = getattr(cls, "_fa_mask", None)
@@ -148,7 +136,6 @@ def _classify_class(cls: type) -> Tuple[bool, bool, bool]:
         known_r = {t[0] for t in _MANAGED_TRIPLES}
         known_w = {t[1] for t in _MANAGED_TRIPLES}
         res = (False, r not in known_r or m is None, w not in known_w or m is None)
-    _class_cache[cls] = res
     return res
 
 
@@ -197,15 +184,12 @@ def reclassify(obj: Any) -> None:
 
 
 def _slots(cls: type) -> Tuple[Optional[str], Optional[str]]:
-    try:
-        return _slot_cache[cls]
-    except KeyError:
-        pass
+    """-> (slot of readable, slot of writable): the attribute where a
+    WatchedPredicate keeps an instance's override, or None where the class's
+    predicate is something else."""
     r, w = (_static_attr(cls, n) for n in ("readable", "writable"))
-    res = (r._slot if isinstance(r, WatchedPredicate) else None,
-           w._slot if isinstance(w, WatchedPredicate) else None)
-    _slot_cache[cls] = res
-    return res
+    return (r._slot if isinstance(r, WatchedPredicate) else None,
+            w._slot if isinstance(w, WatchedPredicate) else None)
 
 
 def _own(obj: Any, slot: Optional[str], name: str) -> bool:
@@ -219,13 +203,10 @@ def _own(obj: Any, slot: Optional[str], name: str) -> bool:
 
 
 def _kind(cls: type) -> Tuple[bool, bool, bool, Optional[str], Optional[str]]:
-    """_classify_class(cls) + _slots(cls), one cached tuple (one lookup per
-    channel a loop adopts: a client making connections adopts one each)."""
-    try:
-        return _kind_cache[cls]
-    except KeyError:
-        res = _kind_cache[cls] = _classify_class(cls) + _slots(cls)
-        return res
+    """_classify_class(cls) + _slots(cls), cached: _classify() looks it up
+    once per channel a loop adopts (a client adopts one per connection)."""
+    res = _kind_cache[cls] = _classify_class(cls) + _slots(cls)
+    return res
 
 
 def _classify(obj: Any) -> Tuple[bool, bool, bool]:
@@ -857,8 +838,7 @@ class MapState:
         batch = self.batch
         owner = self.owner
         sp = self._direct()
-        stateless = self.poller is None
-        direct = first = 0
+        direct = 0
         for fd, obj, m in todo:
             cur = mask.get(fd, 0)
             if cur != m:
@@ -869,21 +849,8 @@ class MapState:
                     else:
                         sp.register(fd, m)
                         direct += 1
-                elif owner.get(fd) is not obj:
-                    continue            # closed by an earlier answer
-                elif m and stateless and type(fd) is int and 0 <= fd <= _INT_MAX:
-                    # _set_mask()'s first registration without a poller,
-                    # inline: once per new channel (all of them, for a
-                    # client that opens its connections before the loop)
-                    batch.pop(fd, None)
-                    mask[fd] = m
-                    if sp is not None:
-                        sp.register(fd, m)
-                    first += 1
-                else:
+                elif owner.get(fd) is obj:   # not closed by an earlier answer
                     self._set_mask(fd, m)
-        if first:
-            self.nchg += first
         if sp is not None:
             self.nchg += direct
             if self.spoll is not sp:
