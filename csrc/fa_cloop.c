@@ -9,10 +9,10 @@
  * on 3.11).  So this small CPython-API module runs the iterations of
  * asyncore.loop()/poll()/poll2() for the cffi backend:
  *
- *   - the iteration's preparation (reconcile, consult, flush, adapt) stays
- *     in Python (_loop._prepare) and is called only when it has work to do;
- *     a map whose channels are all managed and unchanged goes straight to
- *     the wait;
+ *   - the iteration's preparation (reconcile, consult, flush, adapt): the
+ *     consult and the flush here, the rest in Python (_loop._prepare's
+ *     steps), each only when it has work to do; a map whose channels are
+ *     all managed and unchanged goes straight to the wait;
  *   - the wait calls the cffi core's fa_poller_wait() through a function
  *     pointer (one copy of the poller code, one ABI truth: fastasyncore.h),
  *     on the very poller object _cffi.Poller owns, under the same lock
@@ -63,7 +63,8 @@ static struct {
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
-static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prepare,
+static PyObject *g_ExitNow, *g_disconnected, *g_states, *g_prep_head,
+    *g_prep_tail,
     *g_poll_once, *g_timeout_ms, *g_forget_map, *g_loopdict,
     *g_sleep, *g_state, *g_cmasks, *g_route_fault, *g_svc_run, *g_ask;
 static fa_wait_fn g_wait;      /* the core's fa_poller_wait */
@@ -1297,7 +1298,8 @@ out:
 /* What this iteration's preparation needs (the conditions of
  * _loop._prepare): PREP_NONE: go straight to the wait; PREP_LIGHT:
  * reconcile/consult/flush, done here (reconcile() in Python); PREP_FULL:
- * suspended fds, a full reconcile, adapt() or a pinned mode: _prepare(). */
+ * suspended fds, a full reconcile, adapt() or a pinned mode: the same with
+ * _prepare_head() and _prepare_tail() around the consult. */
 enum { PREP_NONE, PREP_LIGHT, PREP_FULL };
 
 static int
@@ -1702,8 +1704,8 @@ timeout_ms(PyObject *timeout, PyObject *mode, long *ms_cache)
     return 0;
 }
 
-/* _loop._prepare for PREP_NONE/PREP_LIGHT.  -> 0 with *ms set, DONE when the
- * iteration is over (select mode, nothing to wait on: it slept), -1. */
+/* _loop._prepare.  -> 0 with *ms set, DONE when the iteration is over
+ * (select mode, nothing to wait on: it slept), -1. */
 static int
 prepare(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
         long *ms_cache, long *ms)
@@ -1714,9 +1716,24 @@ prepare(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
     if (kind < 0)
         return -1;
     if (kind == PREP_FULL) {
+        /* _prepare(), with its consult here: _prepare_head() (a full
+         * reconcile adopts every channel of a new map), the consult and its
+         * reconcile as in PREP_LIGHT, _prepare_tail() (flush, adapt).  A
+         * client's first iteration asks and registers all its new channels
+         * in C then (~130 Python opcodes per connection otherwise). */
+        PyObject *rm;
         if (flush_iters(c) < 0)
             return -1;
-        r = PyObject_CallFunctionObjArgs(g_prepare, c->st, map, timeout, mode, NULL);
+        rm = PyObject_CallFunctionObjArgs(g_prep_head, c->st, map, NULL);
+        if (rm == NULL)
+            return -1;
+        if (PyDict_Size(c->consulted) &&
+            (consult(c, select_mode) < 0 || reconcile_if_needed(c, map) < 0)) {
+            Py_DECREF(rm);
+            return -1;
+        }
+        r = PyObject_CallFunctionObjArgs(g_prep_tail, c->st, map, timeout, mode, rm, NULL);
+        Py_DECREF(rm);
         if (r == NULL)
             return -1;
         *ms = PyLong_AsLong(r);
@@ -2020,7 +2037,8 @@ cloop_configure(PyObject *self, PyObject *args)
     if (set_ref(&g_ExitNow, getattr_s(mod, "ExitNow")) < 0 ||
         set_ref(&g_disconnected, getattr_s(mod, "DISCONNECTED")) < 0 ||
         set_ref(&g_states, getattr_s(mod, "_states")) < 0 ||
-        set_ref(&g_prepare, getattr_s(mod, "_prepare")) < 0 ||
+        set_ref(&g_prep_head, getattr_s(mod, "_prepare_head")) < 0 ||
+        set_ref(&g_prep_tail, getattr_s(mod, "_prepare_tail")) < 0 ||
         set_ref(&g_poll_once, getattr_s(mod, "poll_once")) < 0 ||
         set_ref(&g_timeout_ms, getattr_s(mod, "_timeout_ms")) < 0 ||
         set_ref(&g_forget_map, getattr_s(mod, "forget_map")) < 0 ||

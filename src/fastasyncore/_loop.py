@@ -289,15 +289,20 @@ def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tu
     them one by one)."""
     if len(snap) < _VEC_MIN:
         return None
-    kinds = {(e[2], e[3]) for e in snap}
-    if kinds == {(False, True)}:
+    # (zip, not comprehensions: rebuilt whenever a consulted channel comes
+    # or goes, e.g. per connection a client closes)
+    fds, objs, call_r, call_w = zip(*snap)
+    r, w = set(call_r), set(call_w)
+    if r == _FALSE and w == _TRUE:
         which = "w"
-    elif kinds == {(True, False)}:
+    elif r == _TRUE and w == _FALSE:
         which = "r"
     else:
         return None
-    return (which, tuple(e[0] for e in snap), tuple(e[1] for e in snap),
-            tuple((e[0], e[1]) for e in snap))
+    return (which, fds, objs, tuple(zip(fds, objs)))
+
+
+_TRUE, _FALSE = frozenset({True}), frozenset({False})
 
 
 def _ask(which: str, objs: Tuple[Any, ...], select_mode: bool) -> List[int]:
@@ -1222,6 +1227,19 @@ def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
     reconcile, consult, flush the batch, adapt.  -> ms to wait (< 0: block),
     or _DONE.  Shared by the Python loop and the C loop (which calls it only
     when one of these steps has work to do, see fa_cloop.c)."""
+    resume_ms = _prepare_head(st, map)
+    if st.consulted:
+        st.consult(select_mode)
+        if st.pending or len(map) != len(st.owner):
+            st.reconcile()
+    return _prepare_tail(st, map, timeout, select_mode, resume_ms)
+
+
+def _prepare_head(st: MapState, map: Dict[Any, Any]) -> int:
+    """_prepare()'s steps before the consult.  -> ms until a suspended fd
+    resumes, or -1.  (The C loop calls the head and the tail and consults
+    in between itself: a client's first iteration asks every new channel,
+    and answers them, there -- not in MapState.consult().)"""
     if st.disp is not None:
         st._freeze()        # a nested iteration, from a handler
     resume_ms = -1
@@ -1229,10 +1247,12 @@ def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         resume_ms = _resume_due(st)
     if st.pending or st.full or len(map) != len(st.owner):
         st.reconcile()
-    if st.consulted:
-        st.consult(select_mode)
-        if st.pending or len(map) != len(st.owner):
-            st.reconcile()
+    return resume_ms
+
+
+def _prepare_tail(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
+                  select_mode: bool, resume_ms: int) -> int:
+    """_prepare()'s steps after the consult (flush, the timeout, adapt)."""
     if st.batch:
         st.flush()
     ms = _timeout_ms(timeout, select_mode)
