@@ -631,8 +631,14 @@ c_mask(PyObject *obj)
     case 1:            /* dispatcher: READ if accepting else READ | OUT */
         return FA_POLLIN | FA_POLLPRI | FA_POLLOUT;
     case 2:            /* dispatcher_with_send */
-        if (!(q = PyObject_GetAttr(obj, S.fa_out)))
-            return -1;
+        if (!(q = PyObject_GetAttr(obj, S.fa_out))) {
+            /* no queue yet (a subclass that skipped our __init__) */
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return -1;
+            PyErr_Clear();
+            Py_INCREF(Py_None);
+            q = Py_None;
+        }
         if ((t = attr_true(obj, S.connected)) > 0 && q != Py_None) {
             int more = attr_true(q, S.nbytes);
             t = more < 0 ? -1 : !more;

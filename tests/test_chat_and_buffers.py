@@ -213,6 +213,76 @@ def test_dispatcher_with_send_out_buffer_assignable(impl):
         peer.close()
 
 
+def test_dispatcher_with_send_subclass_that_skips_its_init(backend):
+    """A subclass calling dispatcher.__init__ only has no queue until it
+    sends (or assigns out_buffer): the loop asks and registers it (the C
+    loop's mask and the Python one) without one, and send() makes it."""
+    from fastasyncore import asyncore
+    m = {}
+    s, peer = socket.socketpair()
+    peer.setblocking(False)
+
+    class Bare(asyncore.dispatcher_with_send):
+        def __init__(self, sock, map):
+            asyncore.dispatcher.__init__(self, sock, map=map)
+
+        def handle_read(self):
+            data = self.recv(100)
+            if data != b"quiet":        # (a read that leaves it queue-less)
+                self.send(data.upper())
+
+    d = Bare(s, m)
+    try:
+        peer.send(b"quiet")
+        for _ in range(3):
+            asyncore.loop(timeout=0, map=m, count=1)    # adopted, queue-less
+        assert not d.writable() and d.out_buffer == b""
+        peer.send(b"ping")
+        assert _pump(asyncore, m, peer, 4) == b"PING"
+    finally:
+        asyncore.close_all(map=m)
+        peer.close()
+
+
+def test_bookkeeping_attributes_shadow_no_class_attribute(backend):
+    """Our per-channel state (_fa_regmask, dispatcher_with_send's _fa_out,
+    async_chat's _fa_in/_fa_pos) lives on the instance only.  CPython 3.12+
+    read an instance attribute that shadows a class attribute generically
+    (no LOAD_ATTR_INSTANCE_VALUE): a class default would make every read of
+    it, several per message, ~100 instructions dearer there."""
+    from fastasyncore import asyncore, asynchat
+    m = {}
+    pairs = [socket.socketpair() for _ in range(3)]
+
+    class Chat(asynchat.async_chat):
+        def collect_incoming_data(self, data):
+            pass
+
+        def found_terminator(self):
+            self.push(b"ok\n")
+
+    chans = [asyncore.dispatcher(pairs[0][0], map=m),
+             asyncore.dispatcher_with_send(pairs[1][0], map=m),
+             Chat(pairs[2][0], map=m)]
+    chans[2].set_terminator(b"\n")
+    try:
+        chans[1].send(b"x")
+        pairs[2][1].send(b"line\n")
+        for _ in range(5):
+            asyncore.loop(timeout=0.01, map=m, count=1)
+        assert pairs[2][1].recv(10) == b"ok\n"
+        for c in chans:
+            own = [n for n in vars(c) if n.startswith("_fa_")]
+            assert "_fa_regmask" in own
+            assert [n for n in own if hasattr(type(c), n)] == [], type(c)
+        assert {"_fa_out"} <= set(vars(chans[1]))
+        assert {"_fa_in", "_fa_pos"} <= set(vars(chans[2]))
+    finally:
+        asyncore.close_all(map=m)
+        for a, b in pairs:
+            b.close()
+
+
 def test_push_of_bytearray_later_mutated_is_sent_as_pushed(backend):
     from fastasyncore import asyncore, asynchat
     m = {}

@@ -51,9 +51,9 @@ class async_chat(asyncore.dispatcher):
     max_output_bytes = None
     _fa_since_term = 0
 
-    # The unconsumed input is _fa_in[_fa_pos:]; ac_in_buffer materialises it.
-    _fa_in = b''
-    _fa_pos = 0
+    # The unconsumed input is _fa_in[_fa_pos:]; ac_in_buffer materialises
+    # it.  Both are instance attributes only (set by __init__ through
+    # ac_in_buffer), see asyncore.dispatcher.__init__.
 
     def __init__(self, sock=None, map=None):
         # for string terminator matching

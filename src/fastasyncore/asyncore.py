@@ -256,7 +256,6 @@ class dispatcher:
     closing = False
     addr = None
     ignore_log_types = frozenset({'warning'})
-    _fa_regmask = -1        # the interest the loop registered for us (managed)
     _fa_accept_pause = None  # accept() back-off (EMFILE): seconds of the next pause
     _fa_own_readable = _fa_own_writable = _INHERITED  # see _managed_predicate
 
@@ -267,6 +266,12 @@ class dispatcher:
             self._map = map
 
         self._fileno = None
+        # The interest the loop registered for us (a managed channel; -1:
+        # none yet).  An instance attribute only, as _fa_out and
+        # async_chat's _fa_in/_fa_pos: CPython 3.12+ read an instance
+        # attribute that shadows a class attribute generically (~100
+        # instructions more per read; the loop reads this one per event).
+        self._fa_regmask = -1
         if _COPY_ACCEPTING and type(self).accepting is False:
             # The class's plain False, copied to the instance (the value
             # read is the same): every event and every consult of a
@@ -612,15 +617,16 @@ class dispatcher_with_send(dispatcher):
         self._fa_out = _backend.current.SendQueue()
         dispatcher.__init__(self, sock, map)
 
-    _fa_out = None
+    # (_fa_out: an instance attribute only, see dispatcher.__init__)
 
     def _fa_queue(self):
         # Subclasses may skip our __init__ (calling dispatcher.__init__ and
         # assigning out_buffer themselves): create the queue on first use.
-        q = self._fa_out
-        if q is None:
+        try:
+            return self._fa_out
+        except AttributeError:
             q = self._fa_out = _backend.current.SendQueue()
-        return q
+            return q
 
     @property
     def out_buffer(self):
@@ -663,7 +669,10 @@ class dispatcher_with_send(dispatcher):
     def _fa_mask(self):
         if self.accepting:
             return _READ
-        q = self._fa_out
+        try:
+            q = self._fa_out
+        except AttributeError:
+            q = None        # (no queue yet: see _fa_queue)
         if self.connected and (q is None or not q.nbytes):
             return _READ
         return _READ | _POLLOUT
@@ -671,8 +680,9 @@ class dispatcher_with_send(dispatcher):
     def send(self, data):
         if self.debug:
             self.log_info('sending %s' % repr(data))
-        q = self._fa_out
-        if q is None:
+        try:
+            q = self._fa_out
+        except AttributeError:
             q = self._fa_queue()
         if not q.nbytes:
             # _bound_is(self, 'initiate_send', <ours>), inline (one call per
