@@ -10,9 +10,10 @@
  * asyncore.loop()/poll()/poll2() for the cffi backend:
  *
  *   - the iteration's preparation (reconcile, consult, flush, adapt): the
- *     consult and the flush here, the rest in Python (_loop._prepare's
- *     steps), each only when it has work to do; a map whose channels are
- *     all managed and unchanged goes straight to the wait;
+ *     consult here, the rest in Python (_loop._prepare's steps; the flush
+ *     here too, except in a full preparation, see prep_kind()), each only
+ *     when it has work to do; a map whose channels are all managed and
+ *     unchanged goes straight to the wait;
  *   - the wait calls the cffi core's fa_poller_wait() through a function
  *     pointer (one copy of the poller code, one ABI truth: fastasyncore.h),
  *     on the very poller object _cffi.Poller owns, under the same lock
