@@ -1739,7 +1739,7 @@ prepare(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
             Py_DECREF(rm);
             return -1;
         }
-        r = PyObject_CallFunctionObjArgs(g_prep_tail, c->st, map, timeout, mode, rm, NULL);
+        r = PyObject_CallFunctionObjArgs(g_prep_tail, c->st, timeout, mode, rm, NULL);
         Py_DECREF(rm);
         if (r == NULL)
             return -1;

@@ -1232,7 +1232,7 @@ def _prepare(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
         st.consult(select_mode)
         if st.pending or len(map) != len(st.owner):
             st.reconcile()
-    return _prepare_tail(st, map, timeout, select_mode, resume_ms)
+    return _prepare_tail(st, timeout, select_mode, resume_ms)
 
 
 def _prepare_head(st: MapState, map: Dict[Any, Any]) -> int:
@@ -1250,7 +1250,7 @@ def _prepare_head(st: MapState, map: Dict[Any, Any]) -> int:
     return resume_ms
 
 
-def _prepare_tail(st: MapState, map: Dict[Any, Any], timeout: Optional[float],
+def _prepare_tail(st: MapState, timeout: Optional[float],
                   select_mode: bool, resume_ms: int) -> int:
     """_prepare()'s steps after the consult (flush, the timeout, adapt)."""
     if st.batch:
