@@ -342,6 +342,9 @@ def test_consult_switches_between_vectorized_and_plain_loop(backend, use_poll):
         asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=4)
         assert st.cvec_on is not py_consult    # most answers flip: plain loop
         assert len(writes) == 2 * len(chans)   # every other iteration, each
+        for _ in range(3):      # still flipping: it stays with the plain loop
+            asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+            assert st.cvec_on is not py_consult
         for c in chans:
             c.mode = "off"
         asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=3)
@@ -350,6 +353,45 @@ def test_consult_switches_between_vectorized_and_plain_loop(backend, use_poll):
         chans[7].mode = "on"
         asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=2)
         assert writes == [chans[7]._fileno] * 2
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()
+
+
+def test_plain_loop_with_flipping_readable_answers(backend, use_poll):
+    """The readable() side of the same switch: channels that override only
+    readable(), their answers flipping, stay with the plain loop in the
+    Python consult, and each answer holds for the next wait (a read every
+    other iteration: the unread byte keeps the fd ready)."""
+    from fastasyncore import asyncore, _loop
+    py_consult = backend.NAME == "pure" or _loop.loop_impl() == "py"
+    m, peers, reads = {}, [], []
+
+    class Flip(asyncore.dispatcher):
+        on = False
+
+        def readable(self):
+            self.on = not self.on
+            return self.on
+
+        def handle_read(self):
+            reads.append(self._fileno)      # (no recv: stays readable)
+
+        def handle_write(self):
+            pass
+
+    chans = _channels(Flip, 20, m, peers)
+    try:
+        for p in peers:
+            p.send(b"x")
+        st = None
+        for i in range(6):
+            asyncore.loop(timeout=0.2, use_poll=use_poll, map=m, count=1)
+            st = st or _loop._states[id(m)]
+            if i >= 2:
+                assert st.cvec_on is not py_consult
+        assert sorted(reads) == sorted([c._fileno for c in chans] * 3)
     finally:
         asyncore.close_all(map=m)
         for p in peers:

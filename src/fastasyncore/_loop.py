@@ -759,7 +759,8 @@ class MapState:
         batch = self.batch
         owner = self.owner
         sp = self._direct()
-        changed = rare = 0
+        # (counting the unchanged answers: this pass runs where most flip)
+        same = rare = 0
         if which == "w":
             for fd, obj in pairs:
                 if obj.writable():
@@ -768,17 +769,16 @@ class MapState:
                     m = _READ
                 try:
                     if mask[fd] == m:   # (a subscript: no method call)
+                        same += 1
                         continue
                 except KeyError:
                     # not registered (m is never 0 here): the channel's
                     # first answer (_adopt leaves a consulted channel to its
                     # first consult), or one closed by an earlier answer
-                    changed += 1
                     rare += 1
                     if owner.get(fd) is obj:   # not closed by an earlier answer
                         self._set_mask(fd, m)
                     continue
-                changed += 1
                 mask[fd] = m
                 if sp is None:
                     batch[fd] = m
@@ -798,18 +798,19 @@ class MapState:
                     cur = 0     # not registered: the first answer, an
                                 # answer of 0 (a paused listener, poll mode),
                                 # or a channel closed by an earlier answer
-                if cur != m:
-                    changed += 1
-                    if cur and m:
-                        mask[fd] = m
-                        if sp is None:
-                            batch[fd] = m
-                        else:
-                            sp.register(fd, m)
+                if cur == m:
+                    same += 1
+                elif cur and m:
+                    mask[fd] = m
+                    if sp is None:
+                        batch[fd] = m
                     else:
-                        rare += 1
-                        if owner.get(fd) is obj:
-                            self._set_mask(fd, m)
+                        sp.register(fd, m)
+                else:
+                    rare += 1
+                    if owner.get(fd) is obj:
+                        self._set_mask(fd, m)
+        changed = len(pairs) - same
         if sp is not None:
             self.nchg += changed - rare     # (_set_mask() counts its own)
             if self.spoll is not sp:
