@@ -1500,7 +1500,7 @@ consult_vec(loopst *c, int select_mode)
 
     if (!(vec = PyObject_GetAttr(c->st, S.cvec)))
         return -1;
-    if (!PyTuple_Check(vec) || PyTuple_Size(vec) != 4 ||
+    if (!PyTuple_Check(vec) || PyTuple_Size(vec) != 3 ||
         !PyTuple_Check(fds = PyTuple_GetItem(vec, 1)) ||
         !PyTuple_Check(objs = PyTuple_GetItem(vec, 2)) ||
         (n = PyTuple_Size(fds)) != PyTuple_Size(objs)) {

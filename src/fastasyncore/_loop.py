@@ -283,10 +283,9 @@ def _can_poll_list() -> bool:
 _VEC_MIN = 8   # fewer consulted channels: the plain loop is never dearer
 
 
-def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]]:
-    """("w"|"r", fds, objs, ((fd, obj), ...)) when every consulted channel
-    overrides the same one predicate; None otherwise (then consult() walks
-    them one by one)."""
+def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]]:
+    """("w"|"r", fds, objs) when every consulted channel overrides the same
+    one predicate; None otherwise (then consult() walks them one by one)."""
     if len(snap) < _VEC_MIN:
         return None
     # (zip, not comprehensions: rebuilt whenever a consulted channel comes
@@ -299,7 +298,7 @@ def _vectorize(snap: Tuple[Any, ...]) -> Optional[Tuple[str, Tuple[Any, ...], Tu
         which = "r"
     else:
         return None
-    return (which, fds, objs, tuple(zip(fds, objs)))
+    return (which, fds, objs)
 
 
 _TRUE, _FALSE = frozenset({True}), frozenset({False})
@@ -364,7 +363,7 @@ class MapState:
         self.pending: Set[Any] = set()        # fds to reconcile before waiting
         self.reclass: Set[Any] = set()        # ... and classify again (reclassify())
         self.csnap: Optional[Tuple[Any, ...]] = None  # consulted, as a tuple
-        self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]]] = None
+        self.cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]] = None
         self.cprev: Optional[Tuple[bool, List[bool]]] = None  # last masks (_consult_vec)
         self.cvec_on = True                   # use cvec (see consult())
         self.full = True                      # reconcile every fd of the map
@@ -586,7 +585,10 @@ class MapState:
             return
         managed, call_r, call_w = _classify(obj)
         if type(fd) is int and fd > 256:
-            _remember_key(fd)
+            try:
+                _keys[fd] = fd      # _remember_key(fd), inline but for growing
+            except IndexError:
+                _remember_key(fd)
         self.owner[fd] = obj
         if managed:
             if self.consulted.pop(fd, None) is not None:
@@ -636,8 +638,20 @@ class MapState:
             obj = m.get(fd)
             if obj is None:
                 self._drop(fd)
-            elif owner.get(fd) is not obj:
-                self._drop(fd)
+            elif (cur := owner.get(fd)) is not obj:
+                if cur is not None:
+                    self._drop(fd)
+                else:
+                    # A new fd (a client adds one per connection): of what
+                    # _drop() does, only this can apply to an fd no channel
+                    # holds here (owner has every fd that dead, consulted,
+                    # mask and batch have).
+                    if self.disp is not None:
+                        self._freeze()
+                    if self.reclass:
+                        self.reclass.discard(fd)
+                    if self.suspended:
+                        self.suspended.pop(fd, None)
                 self._adopt(fd, obj)
             elif self.dead and fd in self.dead:
                 continue            # never registered (see _adopt)
@@ -748,13 +762,13 @@ class MapState:
         if vec is not None and changed * 8 <= len(snap):
             self.cvec_on = True         # mostly stable answers: vectorize again
 
-    def _consult_one(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]],
+    def _consult_one(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...]],
                      select_mode: bool) -> int:
         # The plain loop below consult(), for channels that all override the
         # same one predicate (the docs pattern, its answers flipping): the
         # same calls and reads, in the same order, with the predicate known.
         # -> how many masks changed.
-        which, fds, objs, pairs = vec
+        which, fds, objs = vec
         mask = self.mask
         batch = self.batch
         owner = self.owner
@@ -762,7 +776,7 @@ class MapState:
         # (counting the unchanged answers: this pass runs where most flip)
         same = rare = 0
         if which == "w":
-            for fd, obj in pairs:
+            for fd, obj in zip(fds, objs):
                 if obj.writable():
                     m = _READ if obj.accepting else _RW
                 else:
@@ -787,7 +801,7 @@ class MapState:
         else:
             extra = POLLPRI if select_mode else 0
             w_only = extra | POLLOUT
-            for fd, obj in pairs:
+            for fd, obj in zip(fds, objs):
                 if obj.readable():
                     m = _READ if obj.accepting else _RW
                 else:
@@ -810,14 +824,14 @@ class MapState:
                     rare += 1
                     if owner.get(fd) is obj:
                         self._set_mask(fd, m)
-        changed = len(pairs) - same
+        changed = len(fds) - same
         if sp is not None:
             self.nchg += changed - rare     # (_set_mask() counts its own)
             if self.spoll is not sp:
                 self._direct_lost(sp)
         return changed
 
-    def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...], Tuple[Any, ...]],
+    def _consult_vec(self, vec: Tuple[str, Tuple[Any, ...], Tuple[Any, ...]],
                      select_mode: bool) -> int:
         # Every consulted channel overrides the same one predicate (the docs
         # pattern: writable() only).  Ask them all in one comprehension
@@ -827,7 +841,7 @@ class MapState:
         # unless most answers flip every iteration, hence consult()'s switch.
         # (fa_cloop.c's consult_vec() is this method after the _ask() call,
         # in C, where it is the cheaper pass whatever the answers do.)
-        which, fds, objs, pairs = vec
+        which, fds, objs = vec
         masks = _ask(which, objs, select_mode)
         prev = self.cprev
         key = (select_mode, masks)
@@ -903,8 +917,8 @@ def touch(obj: Any) -> None:
             # Never registered as a managed channel (a consulted one, or one
             # no loop has met yet): the consult that asks it every
             # iteration, or its adoption, reads the new state.  (A client's
-            # connect() and handle_connect_event() land here: two calls and
-            # a pending entry per connection saved.)
+            # connect() and handle_connect_event() make this test inline and
+            # do not call: it is the common case once per connection.)
             return
         if obj._fa_mask() == rm:
             return      # the kernel already has this interest: nothing to do

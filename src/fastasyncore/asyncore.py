@@ -331,7 +331,7 @@ class dispatcher:
             map = self._map
         # Remove only our own entry: a stale dispatcher whose fd number was
         # reused must not unregister the new owner (3.11 deletes any entry).
-        if fd in map and map[fd] is self:
+        if map.get(fd) is self:
             del map[fd]
             _loop.note_removed(map, fd)
         self._fileno = None
@@ -397,7 +397,14 @@ class dispatcher:
     def connect(self, address):
         self.connected = False
         self.connecting = True
-        _touch(self)
+        # _touch(self), inline where it returns at once (once per connection
+        # of a client: a channel no loop registered yet, no loop services):
+        # touch()'s own first test, without the call
+        try:
+            if self._fa_regmask != -1 or _loop._wakers:
+                _touch(self)
+        except AttributeError:
+            pass                # (what touch() does without it)
         err = self.socket.connect_ex(address)
         if err in (EINPROGRESS, EALREADY, EWOULDBLOCK) \
         or err == EINVAL and os.name == 'nt':
@@ -523,7 +530,11 @@ class dispatcher:
         self.handle_connect()
         self.connected = True
         self.connecting = False
-        _touch(self)
+        try:                    # _touch(self), inline: see connect()
+            if self._fa_regmask != -1 or _loop._wakers:
+                _touch(self)
+        except AttributeError:
+            pass
 
     def handle_write_event(self):
         if self.accepting:
