@@ -396,3 +396,67 @@ def test_plain_loop_with_flipping_readable_answers(backend, use_poll):
         asyncore.close_all(map=m)
         for p in peers:
             p.close()
+
+
+def test_adding_a_channel_adopts_only_that_channel(backend, use_poll, monkeypatch):
+    """A channel added to a running map is adopted alone: the loop does not
+    walk the whole map for it (it did whenever the map's size changed, so
+    every accept() cost O(channels))."""
+    from fastasyncore import asyncore, _loop
+    m, peers, adopted = {}, [], []
+
+    class Docs(asyncore.dispatcher):
+        def writable(self):
+            return False
+
+    _channels(Docs, 30, m, peers)
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+        adopt = _loop.MapState._adopt
+
+        def counting(self, fd, obj):
+            adopted.append(fd)
+            return adopt(self, fd, obj)
+
+        monkeypatch.setattr(_loop.MapState, "_adopt", counting)
+        new = _channels(Docs, 1, m, peers)
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+        assert adopted == [new[0]._fileno]
+        # a key set on the map itself (no add_channel) is still found
+        extra = _channels(Docs, 1, {}, peers)[0]
+        m[extra._fileno] = extra
+        del adopted[:]
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+        assert extra._fileno in adopted
+        assert _loop._states[id(m)].owner.get(extra._fileno) is extra
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()
+
+
+def test_channels_added_together_are_asked_in_map_order(backend, use_poll):
+    """Channels added between two iterations are asked in map order, as
+    3.11 asks them (not in the order the loop heard of them)."""
+    from fastasyncore import asyncore
+    m, peers, asked = {}, [], []
+
+    class Docs(asyncore.dispatcher):
+        def writable(self):
+            asked.append(self._fileno)
+            return False
+
+    _channels(Docs, 3, m, peers)
+    try:
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+        socks = [pair() for _ in range(6)]
+        for s, p in reversed(socks):        # map order: descending fds
+            peers.append(p)
+            Docs(s, map=m)
+        del asked[:]
+        asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+        assert asked == list(m)
+    finally:
+        asyncore.close_all(map=m)
+        for p in peers:
+            p.close()
