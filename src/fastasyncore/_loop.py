@@ -630,36 +630,6 @@ class MapState:
         if self.full:
             self._reconcile_all()
             return
-        self._reconcile_pending()
-        if len(self.map) != len(self.owner):
-            self._reconcile_all()
-
-    def _reconcile_all(self) -> None:
-        m = self.map
-        self.full = False
-        self.pending.clear()
-        for fd in [fd for fd in self.owner if m.get(fd) is not self.owner[fd]]:
-            self._drop(fd)
-        # Rebuild consulted in map order (3.11 asks channels in map order).
-        old = self.consulted.copy()
-        self.consulted.clear()
-        self.csnap = None
-        reclass = self.reclass
-        dead = self.dead
-        for fd, obj in list(m.items()):
-            if self.owner.get(fd) is obj and fd not in old and fd not in reclass:
-                if dead and dead.get(fd) is obj:
-                    continue
-                mm = self._managed_mask(fd, obj)
-                self._set_mask(fd, mm)
-                obj._fa_regmask = mm
-            else:
-                self._adopt(fd, obj)
-        reclass.clear()
-        if self.faults:
-            self._route_faults()
-
-    def _reconcile_pending(self) -> None:
         m = self.map
         pending = self.pending
         owner = self.owner
@@ -673,8 +643,8 @@ class MapState:
             obj = m.get(fd)
             if obj is None:
                 self._drop(fd)
-            elif (cur := owner.get(fd)) is not obj:
-                if cur is not None:
+            elif owner.get(fd) is not obj:
+                if fd in owner:
                     self._drop(fd)
                     self._adopt(fd, obj)
                     continue
@@ -726,6 +696,33 @@ class MapState:
                     self._adopt(fd, obj)
         if sp is not None and self.spoll is not sp:
             self._direct_lost(sp)
+        if self.faults:
+            self._route_faults()
+        if len(m) != len(owner):
+            self._reconcile_all()    # a change the map did not report
+
+    def _reconcile_all(self) -> None:
+        m = self.map
+        self.full = False
+        self.pending.clear()
+        for fd in [fd for fd in self.owner if m.get(fd) is not self.owner[fd]]:
+            self._drop(fd)
+        # Rebuild consulted in map order (3.11 asks channels in map order).
+        old = self.consulted.copy()
+        self.consulted.clear()
+        self.csnap = None
+        reclass = self.reclass
+        dead = self.dead
+        for fd, obj in list(m.items()):
+            if self.owner.get(fd) is obj and fd not in old and fd not in reclass:
+                if dead and dead.get(fd) is obj:
+                    continue
+                mm = self._managed_mask(fd, obj)
+                self._set_mask(fd, mm)
+                obj._fa_regmask = mm
+            else:
+                self._adopt(fd, obj)
+        reclass.clear()
         if self.faults:
             self._route_faults()
 
