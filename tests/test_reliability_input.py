@@ -174,14 +174,17 @@ def test_l7_heavy_map_mutation_in_handler(impl, use_poll, what):
 # -- B2: terminator flood: per-byte cost flat across chunk sizes --------------------
 
 def _flood_cost(asynchat, size):
+    # CPU time of this process, best of 5: the wall clock counts the time
+    # other processes took the CPU (CI runs three suites at once beside
+    # valgrind: one run measured 3.2x for what is 1.0x on an idle machine)
     chunk = b"\n" * size
     best = None
-    for _ in range(3):
+    for _ in range(5):
         c, ev = make_chat(asynchat, [chunk], b"\n")
         c.found_terminator = lambda: None
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         feed(c, 1)
-        dt = time.perf_counter() - t0
+        dt = time.process_time() - t0
         best = dt if best is None else min(best, dt)
     return best / size
 
