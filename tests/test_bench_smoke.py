@@ -130,3 +130,24 @@ def test_c_source_ships_with_the_package():
     path = os.path.join(os.path.dirname(b.__file__), "fabench.c")
     with open(path, encoding="utf-8") as f:
         assert "int main" in f.read()
+
+
+def test_instruction_counts_script(tmp_path):
+    """benchmarks/instructions.py (callgrind counts of the busy rows) runs:
+    one row, one implementation, tiny counts."""
+    script = os.path.join(ROOT, "benchmarks", "instructions.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/instructions.py not in this tree")
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    proc = subprocess.run([sys.executable, script, "--rows", "spin", "--impls",
+                           "fastasyncore-pure", "--scale", "0.05", "--jobs", "1"],
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith("| spin (per iteration) | fastasyncore-pure |")]
+    assert len(rows) == 1, proc.stdout
+    ir = float(rows[0].split("|")[3].replace(",", ""))
+    # a loop iteration is thousands of instructions, not zero or millions
+    assert 500 < ir < 200000, rows[0]

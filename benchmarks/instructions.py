@@ -1,0 +1,178 @@
+"""User-space instructions per unit, counted by callgrind: the issue-10 rows
+without the machine's noise.
+
+    python benchmarks/instructions.py                    # every row, every impl
+    python benchmarks/instructions.py --rows spin,pp_dws_1 --impls fastasyncore-cffi
+    python benchmarks/instructions.py --jobs 2 --scale 0.5
+
+Why: the timed harness (``python -m fastasyncore bench``) measures CPU time,
+which is what users pay, but on a shared VM its cells move by 10-30% between
+runs and its ratios depend on the guest (a guest whose user-space code runs
+twice as fast makes the kernel's share of a send or recv bigger, and every
+ratio moves towards 1.0).  callgrind counts the instructions the process
+runs in user space: for the busy rows the same on every run within about
+1% and on every machine of the same interpreter build (the W4 rows within a
+few %: how the C server's responses spread over iterations moves them), so
+it shows what the loop itself costs.  What it does not see: the kernel
+(syscalls are the same for every implementation, or fewer for
+fastasyncore), cache misses and branch mispredictions.
+
+How: each (row, implementation) runs twice under ``valgrind --tool=callgrind``
+with two unit counts, and the difference of the two totals divided by the
+difference of the counts is the cost of one unit, with start-up, imports and
+warm-up cancelled out.  The rows:
+
+- spin, pp_docs_1, pp_docs_100, pp_dws_1, pp_dws_100: the in-process busy
+  maps of the timed harness (``worker busy``), per iteration (spin) or per
+  message;
+- W4: the asyncore docs' HTTP client, ``--w4-rounds`` requests per
+  connection (default 20), against the harness's C HTTP server; per request,
+  from the difference between two connection counts;
+- W4_1: the same client with one request per connection (per connection).
+
+Needs valgrind and, for the W4 rows, a C compiler (as the harness does).
+Loopback only; every run is bounded by a timeout.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+try:
+    import fastasyncore  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
+
+from fastasyncore._bench import runner  # noqa: E402
+
+BUSY = {  # row -> (worker busy --which, pairs, count 1, count 2)
+    "spin": ("spin", 1, 20000, 60000),
+    "pp_docs_1": ("pp_docs", 1, 10000, 30000),
+    "pp_docs_100": ("pp_docs", 100, 10000, 30000),
+    "pp_dws_1": ("pp_dws", 1, 10000, 30000),
+    "pp_dws_100": ("pp_dws", 100, 10000, 30000),
+}
+W4 = {"W4": (100, 300), "W4_1": (100, 300)}     # row -> (connections 1, 2)
+ROWS = list(BUSY) + list(W4)
+IMPLS = ["asyncore-select", "asyncore-poll", "fastasyncore-cffi", "fastasyncore-cffi-poll",
+         "fastasyncore-pure", "fastasyncore-pure-poll"]
+TIMEOUT = 900
+
+
+def callgrind_total(argv, env, workdir, tag):
+    """Instructions (Ir) of one run of argv under callgrind."""
+    out = os.path.join(workdir, "callgrind.%s" % tag)
+    p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out] + argv,
+                       env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if p.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s" % (" ".join(argv[:6]), p.returncode,
+                                                   (p.stderr.strip().splitlines() or ["?"])[-1]))
+    with open(out) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError("no totals in %s" % out)
+
+
+def worker_argv(impl, *args):
+    # the harness's impl names: "-poll" selects loop(use_poll=True)
+    return [sys.executable, "-m", "fastasyncore._bench.worker"] + list(args) + ["--impl", impl]
+
+
+def measure(row, impl, ctx):
+    """-> Ir per unit (the difference of two runs)."""
+    env = runner.child_env(impl)
+    scale = ctx["scale"]
+    if row in BUSY:
+        which, pairs, n1, n2 = BUSY[row]
+        n1, n2 = max(1, int(n1 * scale)), max(2, int(n2 * scale))
+        totals = [callgrind_total(worker_argv(impl, "busy", "--which", which, "--pairs", str(pairs),
+                                              "--count", str(n), "--timeout", str(TIMEOUT)),
+                                  env, ctx["workdir"], "%s.%s.%d" % (row, impl, n))
+                  for n in (n1, n2)]
+        return (totals[1] - totals[0]) / (n2 - n1)
+    c1, c2 = W4[row]
+    c1, c2 = max(1, int(c1 * scale)), max(2, int(c2 * scale))
+    rounds = 1 if row == "W4_1" else ctx["w4_rounds"]
+    totals = [callgrind_total(worker_argv(impl, "w4client", "--port", str(ctx["port"]),
+                                          "--conns", str(c), "--rounds", str(rounds),
+                                          "--warmup-conns", "0", "--timeout", str(TIMEOUT)),
+                              env, ctx["workdir"], "%s.%s.%d" % (row, impl, c))
+              for c in (c1, c2)]
+    return (totals[1] - totals[0]) / ((c2 - c1) * rounds)
+
+
+def table(rows, impls, res):
+    unit = {"spin": "iteration", "W4": "request", "W4_1": "connection"}
+    lines = ["| row | implementation | Ir per unit | × stdlib (cheaper mode) | pure ÷ cffi (same mode) |",
+             "|---|---|---:|---:|---:|"]
+    for row in rows:
+        std = [res[(row, i)] for i in impls if i.startswith("asyncore-") and (row, i) in res]
+        best = min(std) if std else None
+        for impl in impls:
+            v = res.get((row, impl))
+            if v is None:
+                continue
+            ratio = "%.2f×" % (v / best) if best else "–"
+            vs = "–"
+            if impl.startswith("fastasyncore-cffi"):
+                pure = res.get((row, impl.replace("-cffi", "-pure")))
+                if pure:
+                    vs = "%.2f×" % (pure / v)
+            lines.append("| %s (per %s) | %s | %s | %s | %s |" % (
+                row, unit.get(row, "message"), impl, "{:,.0f}".format(v), ratio, vs))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated: " + ", ".join(ROWS))
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the unit counts")
+    p.add_argument("--w4-rounds", type=int, default=20, help="requests per connection (W4)")
+    p.add_argument("--jobs", type=int, default=2, help="callgrind runs at once")
+    args = p.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in IMPLS]
+    if bad:
+        p.error("unknown: %s" % ", ".join(bad))
+    if subprocess.run(["sh", "-c", "command -v valgrind"], capture_output=True).returncode:
+        raise SystemExit("instructions: valgrind is not installed")
+    have_std, why = runner.have_stdlib_asyncore()
+    if not have_std:
+        print("note: no stdlib asyncore (%s): no stdlib rows" % why, file=sys.stderr)
+        impls = [i for i in impls if not i.startswith("asyncore-")]
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="fastasyncore-ir-") as workdir:
+        ctx = {"workdir": workdir, "scale": args.scale, "w4_rounds": args.w4_rounds}
+        srv = None
+        try:
+            if any(r in W4 for r in rows):
+                exe, msg = runner.build_c(workdir, lambda m: None)
+                if exe is None:
+                    raise SystemExit("instructions: %s" % msg)
+                srv = runner.Server([exe, "server", "--mode", "http", "--max-seconds", "3600"],
+                                    dict(os.environ), None, workdir, "http")
+                ctx["port"] = srv.port()
+                if ctx["port"] is None:
+                    raise SystemExit("instructions: the C HTTP server did not start")
+            todo = [(r, i) for r in rows for i in impls]
+            with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                futs = {key: pool.submit(measure, key[0], key[1], ctx) for key in todo}
+                for key in todo:
+                    res[key] = futs[key].result()
+                    print("%-12s %-24s %10.0f Ir/unit" % (key[0], key[1], res[key]),
+                          file=sys.stderr, flush=True)
+        finally:
+            if srv is not None:
+                srv.stop()
+    print(table(rows, impls, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
