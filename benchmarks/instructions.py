@@ -37,6 +37,7 @@ Loopback only; every run is bounded by a timeout.
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,7 @@ def main(argv=None):
     bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in IMPLS]
     if bad:
         p.error("unknown: %s" % ", ".join(bad))
-    if subprocess.run(["sh", "-c", "command -v valgrind"], capture_output=True).returncode:
+    if shutil.which("valgrind") is None:
         raise SystemExit("instructions: valgrind is not installed")
     have_std, why = runner.have_stdlib_asyncore()
     if not have_std:
