@@ -11,12 +11,11 @@ runs and its ratios depend on the guest (a guest whose user-space code runs
 twice as fast makes the kernel's share of a send or recv bigger, and every
 ratio moves towards 1.0).  callgrind counts the instructions the process
 runs in user space: for the busy rows the same on every run within about
-1% and on every machine of the same interpreter build (the W4 rows within a
-few %, W4_1 by 10% or more: how the C server's responses spread over
-iterations moves them), so
-it shows what the loop itself costs.  What it does not see: the kernel
-(syscalls are the same for every implementation, or fewer for
-fastasyncore), cache misses and branch mispredictions.
+1% and on every machine of the same interpreter build (the W4 rows within
+a few %, W4_1 by 10% or more: how the C server's responses spread over
+iterations moves them), so it shows what the loop itself costs.  What it
+does not see: the kernel (syscalls are the same for every implementation,
+or fewer for fastasyncore), cache misses and branch mispredictions.
 
 How: each (row, implementation) runs twice under ``valgrind --tool=callgrind``
 with two unit counts, and the difference of the two totals divided by the

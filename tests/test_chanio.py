@@ -702,21 +702,20 @@ def assert_flat(round_, keep):
     # that held None moves its count by one or two (seen in CI: 39050 ->
     # 39049), so None is checked for a leak per round (20,000 or more)
     # rather than for an exact count.
-    none_refs = 0 if any(o is None for o in keep) else None
+    check_none = sys.version_info < (3, 12) and any(o is None for o in keep)
     keep = [o for o in keep if o is not None]
     for _ in range(2000):
         round_()
     gc.collect()
     refs = [sys.getrefcount(o) for o in keep]
-    if none_refs is not None:
-        none_refs = sys.getrefcount(None)
+    none_refs = sys.getrefcount(None)
     objs = len(gc.get_objects())
     mem = rss()
     for _ in range(20000):
         round_()
     gc.collect()
     assert [sys.getrefcount(o) for o in keep] == refs
-    if none_refs is not None and sys.version_info < (3, 12):
+    if check_none:
         assert abs(sys.getrefcount(None) - none_refs) < 1000
     assert len(gc.get_objects()) - objs < 100
     # (under ASan freed memory sits in its quarantine: RSS says nothing)
