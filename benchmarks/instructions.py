@@ -28,9 +28,20 @@ warm-up cancelled out.  The rows:
 - W4: the asyncore docs' HTTP client, ``--w4-rounds`` requests per
   connection (default 20), against the harness's C HTTP server; per request,
   from the difference between two connection counts;
-- W4_1: the same client with one request per connection (per connection).
+- W4_1: the same client with one request per connection (per connection);
+- W1_c100, W1_c1000, chat_lines: the timed harness's TCP servers (the docs
+  pattern with 100 and 1,000 connections of 64-byte ping-pongs, the
+  async_chat line echo with 100 connections of 1 KiB lines), each run under
+  callgrind while the C load generator drives it for a fixed number of
+  requests; per request, from the difference between two request counts.
+  The requests in flight when the generator stops (at most one per
+  connection) are the counts' only slack: within 1% here.  Under callgrind
+  the server runs ~50x slower against an unslowed generator, so more of its
+  connections are ready at each wait than in a timed run: per-iteration
+  costs (3.11's walk over every channel, our consult) are spread over more
+  requests than in a timed run, which flatters the stdlib a little.
 
-Needs valgrind and, for the W4 rows, a C compiler (as the harness does).
+Needs valgrind and, for the W4 and TCP rows, a C compiler (as the harness does).
 Loopback only; every run is bounded by a timeout.
 """
 
@@ -57,7 +68,12 @@ BUSY = {  # row -> (worker busy --which, pairs, count 1, count 2)
     "pp_dws_100": ("pp_dws", 100, 10000, 30000),
 }
 W4 = {"W4": (100, 300), "W4_1": (100, 300)}     # row -> (connections 1, 2)
-ROWS = list(BUSY) + list(W4)
+TCP = {  # row -> (worker serve --pattern, connections, message size, requests 1, requests 2)
+    "W1_c100": ("docs", 100, 64, 10000, 40000),
+    "W1_c1000": ("docs", 1000, 64, 20000, 80000),
+    "chat_lines": ("chat-lines", 100, 1024, 10000, 40000),
+}
+ROWS = list(BUSY) + list(W4) + list(TCP)
 IMPLS = ["asyncore-select", "asyncore-poll", "fastasyncore-cffi", "fastasyncore-cffi-poll",
          "fastasyncore-pure", "fastasyncore-pure-poll"]
 TIMEOUT = 900
@@ -71,6 +87,10 @@ def callgrind_total(argv, env, workdir, tag):
     if p.returncode != 0:
         raise RuntimeError("%s failed (%d): %s" % (" ".join(argv[:6]), p.returncode,
                                                    (p.stderr.strip().splitlines() or ["?"])[-1]))
+    return callgrind_file_total(out)
+
+
+def callgrind_file_total(out):
     with open(out) as f:
         for line in f:
             if line.startswith(("summary:", "totals:")):
@@ -95,6 +115,8 @@ def measure(row, impl, ctx):
                                   env, ctx["workdir"], "%s.%s.%d" % (row, impl, n))
                   for n in (n1, n2)]
         return (totals[1] - totals[0]) / (n2 - n1)
+    if row in TCP:
+        return measure_tcp(row, impl, ctx, env)
     c1, c2 = W4[row]
     c1, c2 = max(1, int(c1 * scale)), max(2, int(c2 * scale))
     rounds = 1 if row == "W4_1" else ctx["w4_rounds"]
@@ -106,8 +128,42 @@ def measure(row, impl, ctx):
     return (totals[1] - totals[0]) / ((c2 - c1) * rounds)
 
 
+def measure_tcp(row, impl, ctx, env):
+    """-> Ir per request of a TCP server row (the difference of two runs)."""
+    pattern, conns, size, n1, n2 = TCP[row]
+    n1, n2 = max(1, int(n1 * ctx["scale"])), max(2, int(n2 * ctx["scale"]))
+    totals = []
+    for n in (n1, n2):
+        tag = "%s.%s.%d" % (row, impl, n)
+        out = os.path.join(ctx["workdir"], "callgrind.%s" % tag)
+        srv = runner.Server(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out] +
+                            worker_argv(impl, "serve", "--pattern", pattern,
+                                        "--max-seconds", str(TIMEOUT)),
+                            env, None, ctx["workdir"], tag)
+        try:
+            port = srv.port(timeout=120)
+            if port is None:
+                raise RuntimeError("%s %s: the server did not start" % (row, impl))
+            res, err = runner.run_json(
+                [ctx["exe"], "client", "--port", str(port), "--mode", "pingpong",
+                 "--conns", str(conns), "--size", str(size), "--idle", "0", "--warmup", "0",
+                 "--duration", str(TIMEOUT), "--max-requests", str(n),
+                 "--setup-timeout", "300"], None, None, TIMEOUT, ctx["workdir"])
+        finally:
+            rc, _, serr = srv.stop(timeout=300)
+        if res is None:
+            raise RuntimeError("%s %s: load generator: %s" % (row, impl, err))
+        if rc != 0:
+            raise RuntimeError("%s %s: server exit %s: %s" % (
+                row, impl, rc, (serr.splitlines() or ["?"])[-1]))
+        totals.append((callgrind_file_total(out), res["requests"]))
+    (t1, r1), (t2, r2) = totals
+    return (t2 - t1) / (r2 - r1)
+
+
 def table(rows, impls, res):
-    unit = {"spin": "iteration", "W4": "request", "W4_1": "connection"}
+    unit = {"spin": "iteration", "W4": "request", "W4_1": "connection", "W1_c100": "request",
+            "W1_c1000": "request", "chat_lines": "request"}
     lines = ["| row | implementation | Ir per unit | × stdlib (cheaper mode) | pure ÷ cffi (same mode) |",
              "|---|---|---:|---:|---:|"]
     for row in rows:
@@ -152,10 +208,12 @@ def main(argv=None):
         ctx = {"workdir": workdir, "scale": args.scale, "w4_rounds": args.w4_rounds}
         srv = None
         try:
-            if any(r in W4 for r in rows):
+            if any(r in W4 or r in TCP for r in rows):
                 exe, msg = runner.build_c(workdir, lambda m: None)
                 if exe is None:
                     raise SystemExit("instructions: %s" % msg)
+                ctx["exe"] = exe
+            if any(r in W4 for r in rows):
                 srv = runner.Server([exe, "server", "--mode", "http", "--max-seconds", "3600"],
                                     dict(os.environ), None, workdir, "http")
                 ctx["port"] = srv.port()

@@ -151,3 +151,28 @@ def test_instruction_counts_script(tmp_path):
     ir = float(rows[0].split("|")[3].replace(",", ""))
     # a loop iteration is thousands of instructions, not zero or millions
     assert 500 < ir < 200000, rows[0]
+
+
+def test_instruction_counts_script_tcp_row(tmp_path):
+    """Its TCP rows run the server under callgrind against the C load
+    generator: one row, one implementation, a few hundred requests."""
+    script = os.path.join(ROOT, "benchmarks", "instructions.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/instructions.py not in this tree")
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler for the load generator")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the C load generator needs Linux")
+    proc = subprocess.run([sys.executable, script, "--rows", "W1_c100", "--impls",
+                           "fastasyncore-pure", "--scale", "0.02", "--jobs", "1"],
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith("| W1_c100 (per request) | fastasyncore-pure |")]
+    assert len(rows) == 1, proc.stdout
+    ir = float(rows[0].split("|")[3].replace(",", ""))
+    # a request (a read, a consult, a write) is thousands of instructions
+    assert 1000 < ir < 500000, rows[0]
