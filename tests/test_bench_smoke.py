@@ -132,47 +132,40 @@ def test_c_source_ships_with_the_package():
         assert "int main" in f.read()
 
 
-def test_instruction_counts_script(tmp_path):
-    """benchmarks/instructions.py (callgrind counts of the busy rows) runs:
-    one row, one implementation, tiny counts."""
+def _instructions_row(tmp_path, row, unit, impl, scale):
+    """Run benchmarks/instructions.py for one row and implementation; -> its
+    Ir per unit (skips where the script or valgrind is missing)."""
     script = os.path.join(ROOT, "benchmarks", "instructions.py")
     if not os.path.exists(script):
         pytest.skip("benchmarks/instructions.py not in this tree")
     if shutil.which("valgrind") is None:
         pytest.skip("valgrind is not installed")
-    proc = subprocess.run([sys.executable, script, "--rows", "spin", "--impls",
-                           "fastasyncore-pure", "--scale", "0.05", "--jobs", "1"],
+    proc = subprocess.run([sys.executable, script, "--rows", row, "--impls", impl,
+                           "--scale", str(scale), "--jobs", "1"],
                           cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
                           timeout=170)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines()
-            if line.startswith("| spin (per iteration) | fastasyncore-pure |")]
+    prefix = "| %s (per %s) | %s |" % (row, unit, impl)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
     assert len(rows) == 1, proc.stdout
-    ir = float(rows[0].split("|")[3].replace(",", ""))
+    return float(rows[0].split("|")[3].replace(",", ""))
+
+
+def test_instruction_counts_script(tmp_path):
+    """benchmarks/instructions.py (callgrind counts of the busy rows) runs:
+    one row, one implementation, tiny counts."""
+    ir = _instructions_row(tmp_path, "spin", "iteration", "fastasyncore-pure", 0.05)
     # a loop iteration is thousands of instructions, not zero or millions
-    assert 500 < ir < 200000, rows[0]
+    assert 500 < ir < 200000, ir
 
 
 def test_instruction_counts_script_tcp_row(tmp_path):
     """Its TCP rows run the server under callgrind against the C load
     generator: one row, one implementation, a few hundred requests."""
-    script = os.path.join(ROOT, "benchmarks", "instructions.py")
-    if not os.path.exists(script):
-        pytest.skip("benchmarks/instructions.py not in this tree")
-    if shutil.which("valgrind") is None:
-        pytest.skip("valgrind is not installed")
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler for the load generator")
     if not sys.platform.startswith("linux"):
         pytest.skip("the C load generator needs Linux")
-    proc = subprocess.run([sys.executable, script, "--rows", "W1_c100", "--impls",
-                           "fastasyncore-pure", "--scale", "0.02", "--jobs", "1"],
-                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
-                          timeout=170)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines()
-            if line.startswith("| W1_c100 (per request) | fastasyncore-pure |")]
-    assert len(rows) == 1, proc.stdout
-    ir = float(rows[0].split("|")[3].replace(",", ""))
+    ir = _instructions_row(tmp_path, "W1_c100", "request", "fastasyncore-pure", 0.02)
     # a request (a read, a consult, a write) is thousands of instructions
-    assert 1000 < ir < 500000, rows[0]
+    assert 1000 < ir < 500000, ir
