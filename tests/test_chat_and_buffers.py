@@ -246,7 +246,7 @@ def test_dispatcher_with_send_subclass_that_skips_its_init(backend):
 
 def test_bookkeeping_attributes_shadow_no_class_attribute(backend):
     """Our per-channel state (_fa_regmask, dispatcher_with_send's _fa_out,
-    async_chat's _fa_in/_fa_pos) lives on the instance only.  CPython 3.12+
+    async_chat's _fa_cur) lives on the instance only.  CPython 3.12+
     read an instance attribute that shadows a class attribute generically
     (no LOAD_ATTR_INSTANCE_VALUE): a class default would make every read of
     it, several per message, ~100 instructions dearer there."""
@@ -276,7 +276,7 @@ def test_bookkeeping_attributes_shadow_no_class_attribute(backend):
             assert "_fa_regmask" in own
             assert [n for n in own if hasattr(type(c), n)] == [], type(c)
         assert {"_fa_out"} <= set(vars(chans[1]))
-        assert {"_fa_in", "_fa_pos"} <= set(vars(chans[2]))
+        assert {"_fa_cur"} <= set(vars(chans[2]))
     finally:
         asyncore.close_all(map=m)
         for a, b in pairs:

@@ -119,6 +119,28 @@ def test_read_collect_replaces_the_buffer(impl):
         b.close()
 
 
+@pytest.mark.parametrize("new", [b"q\nr", bytearray(b"q\nr")])
+def test_read_found_terminator_replaces_the_buffer(impl, new):
+    # Reading goes on from whatever a callback leaves in ac_in_buffer: bytes
+    # (the C method reads on) or anything else (the Python method does).
+    def found(self):
+        self.log.append(("term",))
+        if len(self.log) == 2:
+            self.ac_in_buffer = new + self.ac_in_buffer
+
+    ch, a, b = chat(impl, cls_attrs={"found_terminator": found})
+    try:
+        feed(ch, b, b"a\nb\n")
+        assert ch.log == [("data", b"a"), ("term",), ("data", b"q"), ("term",),
+                          ("data", b"rb"), ("term",)]
+        assert bytes(ch.ac_in_buffer) == b""
+        feed(ch, b, b"c\n")
+        assert ch.log[6:] == [("data", b"c"), ("term",)]
+    finally:
+        ch.close()
+        b.close()
+
+
 def test_read_found_terminator_discards_or_closes(impl):
     def found(self):
         self.log.append(("term",))
@@ -399,6 +421,9 @@ def test_chat_methods_leak_nothing(backend):
 
         def found_terminator(self):
             self.n += 1
+            if self.n % 7 == 0:
+                # something else than bytes: the Python method reads on
+                self.ac_in_buffer = bytearray(b"y\n") + self.ac_in_buffer
 
     a, b = socket.socketpair()
     b.setblocking(False)
@@ -417,6 +442,7 @@ def test_chat_methods_leak_nothing(backend):
         ch.handle_read()
         ch.handle_read()                 # nothing there
         ch.set_terminator(b"\n")
+        ch.ac_in_buffer = b""
 
     try:
         assert_flat(round_, keep)

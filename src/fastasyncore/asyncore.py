@@ -268,7 +268,7 @@ class dispatcher:
         self._fileno = None
         # The interest the loop registered for us (a managed channel; -1:
         # none yet).  An instance attribute only, as _fa_out and
-        # async_chat's _fa_in/_fa_pos: CPython 3.12+ read an instance
+        # async_chat's _fa_cur: CPython 3.12+ read an instance
         # attribute that shadows a class attribute generically (~100
         # instructions more per read; the loop reads this one per event).
         self._fa_regmask = -1
