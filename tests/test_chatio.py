@@ -141,6 +141,27 @@ def test_read_found_terminator_replaces_the_buffer(impl, new):
         b.close()
 
 
+def test_read_without_async_chat_init_receives_first(impl):
+    # A subclass that skips async_chat.__init__ has no input buffer: as in
+    # 3.11, handle_read() receives first and then fails on the missing
+    # buffer (the bytes are gone from the socket).
+    class C(impl.asynchat.async_chat):
+        def __init__(self, sock):
+            impl.asyncore.dispatcher.__init__(self, sock, map={})
+
+    a, b = socket.socketpair()
+    ch = C(a)
+    try:
+        b.sendall(b"lost\n")
+        with pytest.raises(AttributeError):
+            ch.handle_read()
+        b.sendall(b"next")
+        assert a.recv(100) == b"next"
+    finally:
+        ch.close()
+        b.close()
+
+
 def test_read_found_terminator_discards_or_closes(impl):
     def found(self):
         self.log.append(("term",))

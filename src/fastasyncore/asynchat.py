@@ -161,10 +161,10 @@ class async_chat(asyncore.dispatcher):
         # part of the API, and hidden from inspect.signature.  Positional:
         # 3.11 specializes calls of functions with defaults, not those with
         # keyword-only parameters)
-        cur = self._fa_cur
         if _fa_data is None:
             # the C method hands over between records, the state in
             # _fa_cur as each iteration leaves it
+            cur = self._fa_cur
             buf, pos = cur
         else:
             if _fa_data is _RECV:
@@ -180,7 +180,9 @@ class async_chat(asyncore.dispatcher):
 
             if isinstance(data, str) and self.use_encoding:
                 data = bytes(str, self.encoding)   # 3.11's latent bug, kept
-            # self.ac_in_buffer = self.ac_in_buffer + data, without the property
+            # self.ac_in_buffer = self.ac_in_buffer + data, without the
+            # property (after the recv, as 3.11 reads ac_in_buffer)
+            cur = self._fa_cur
             buf, pos = cur
             if pos:
                 buf = buf[pos:]
