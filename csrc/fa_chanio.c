@@ -647,24 +647,18 @@ slow:
     return fallback(g_py_push, self, args, nargs, kwnames);
 }
 
-/* obj.<name> is exactly `want` (compared by identity), or an exact int
- * equal to want_int when want is NULL.  1, 0 (lookup errors: 0, cleared). */
+/* obj.<name> is exactly `want` (compared by identity)?  1, 0 (lookup
+ * errors: 0, cleared). */
 static int
-attr_is(PyObject *obj, PyObject *name, PyObject *want, Py_ssize_t want_int)
+attr_is(PyObject *obj, PyObject *name, PyObject *want)
 {
     PyObject *v = PyObject_GetAttr(obj, name);
-    int r;
     if (v == NULL) {
         PyErr_Clear();
         return 0;
     }
-    if (want != NULL)
-        r = v == want;
-    else
-        r = PyLong_CheckExact(v) && PyLong_AsSsize_t(v) == want_int;
-    Py_DECREF(v);
-    PyErr_Clear();                   /* (an overflowing int: not equal) */
-    return r;
+    Py_DECREF(v);                    /* compared by identity only */
+    return v == want;
 }
 
 static PyObject *
@@ -784,7 +778,7 @@ read_data(PyObject *self, PyObject *data)
         t = pos == PyBytes_Size(buf);
         Py_DECREF(buf);
     }
-    if (!t || !attr_is(self, N.max_in, Py_None, 0)
+    if (!t || !attr_is(self, N.max_in, Py_None)
             || own_method(self, N.get_terminator, g_get_term) != 1) {
         Py_DECREF(cur);
         goto python_data;
