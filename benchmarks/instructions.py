@@ -46,6 +46,7 @@ Loopback only; every run is bounded by a timeout.
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -79,14 +80,28 @@ IMPLS = ["asyncore-select", "asyncore-poll", "fastasyncore-cffi", "fastasyncore-
 TIMEOUT = 900
 
 
-def callgrind_total(argv, env, workdir, tag):
-    """Instructions (Ir) of one run of argv under callgrind."""
+def callgrind_total(argv, env, workdir, tag, requests=None):
+    """Instructions (Ir) of one run of argv under callgrind.  ``requests``:
+    the requests the run must report having completed (the W4 client's JSON
+    line): the count is divided by it, so a run that lost some (a refused or
+    reset connection closes quietly) must fail rather than skew it."""
     out = os.path.join(workdir, "callgrind.%s" % tag)
     p = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out] + argv,
                        env=env, capture_output=True, text=True, timeout=TIMEOUT)
     if p.returncode != 0:
         raise RuntimeError("%s failed (%d): %s" % (" ".join(argv[:6]), p.returncode,
                                                    (p.stderr.strip().splitlines() or ["?"])[-1]))
+    if requests is not None:
+        done = None
+        for line in p.stdout.splitlines():
+            if line.startswith("{"):
+                try:
+                    done = json.loads(line).get("requests")
+                except ValueError:
+                    pass
+        if done != requests:
+            raise RuntimeError("%s: %s requests completed, %d expected"
+                               % (tag, done, requests))
     return callgrind_file_total(out)
 
 
@@ -123,7 +138,7 @@ def measure(row, impl, ctx):
     totals = [callgrind_total(worker_argv(impl, "w4client", "--port", str(ctx["port"]),
                                           "--conns", str(c), "--rounds", str(rounds),
                                           "--warmup-conns", "0", "--timeout", str(TIMEOUT)),
-                              env, ctx["workdir"], "%s.%s.%d" % (row, impl, c))
+                              env, ctx["workdir"], "%s.%s.%d" % (row, impl, c), requests=c * rounds)
               for c in (c1, c2)]
     return (totals[1] - totals[0]) / ((c2 - c1) * rounds)
 

@@ -169,3 +169,22 @@ def test_instruction_counts_script_tcp_row(tmp_path):
     ir = _instructions_row(tmp_path, "W1_c100", "request", "fastasyncore-pure", 0.02)
     # a request (a read, a consult, a write) is thousands of instructions
     assert 1000 < ir < 500000, ir
+
+
+def test_instruction_counts_refuse_a_w4_run_that_lost_requests(tmp_path):
+    """A W4 count is divided by connections x rounds: a client run that
+    reports fewer completed requests (a connection closed early) fails the
+    row instead of skewing it."""
+    script = os.path.join(ROOT, "benchmarks", "instructions.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/instructions.py not in this tree")
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fa_instructions", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = [sys.executable, "-c", 'print(\'{"ok": true, "requests": 3}\')']
+    assert mod.callgrind_total(argv, _env(), str(tmp_path), "full", requests=3) > 0
+    with pytest.raises(RuntimeError, match="3 requests completed, 4 expected"):
+        mod.callgrind_total(argv, _env(), str(tmp_path), "short", requests=4)
