@@ -557,6 +557,7 @@ class MapState:
             # (cvec too: it holds the channel until the next consult
             # rebuilds both, so a closed channel is let go of at once)
             self.csnap = self.cvec = None
+            _consulted_changed()
         if self.batch:
             self.batch.pop(fd, None)
         if fd in self.mask:
@@ -595,6 +596,7 @@ class MapState:
             self.owner[fd] = obj
             if self.consulted.pop(fd, None) is not None:
                 self.csnap = None
+                _consulted_changed()
             if fd in self.mask:
                 self._set_mask(fd, 0)
             if fd not in self.dead:
@@ -611,12 +613,14 @@ class MapState:
         if managed:
             if self.consulted.pop(fd, None) is not None:
                 self.csnap = None
+                _consulted_changed()
             m = self._managed_mask(fd, obj)
             self._set_mask(fd, m)
             obj._fa_regmask = m
         else:
             self.consulted[fd] = (fd, obj, call_r, call_w)
             self.csnap = None
+            _consulted_changed()
 
     def reconcile(self) -> None:
         """Bring owner/mask/consulted in line with the map for changed fds.
@@ -711,6 +715,7 @@ class MapState:
         old = self.consulted.copy()
         self.consulted.clear()
         self.csnap = None
+        _consulted_changed()
         reclass = self.reclass
         dead = self.dead
         for fd, obj in list(m.items()):
@@ -933,7 +938,17 @@ class MapState:
         self.mask.clear()
         self.consulted.clear()
         self.csnap = None
+        _consulted_changed()
 
+
+def _no_c_loop() -> None:
+    pass
+
+
+#: Called wherever a MapState.consulted changes: the C loop's dispatch
+#: trusts what it found consulted until then (fa_cloop.c's owner_of()).
+#: _cloop.consulted_changed once the C loop is configured.
+_consulted_changed: Any = _no_c_loop
 
 _states: Dict[int, MapState] = {}
 _MAX_IDLE_STATES = 32
@@ -1180,6 +1195,8 @@ def _resolve_crun(backend: Any) -> Any:
         return None
     _cloop.configure(__import__(__name__, fromlist=["_"]), backend.WAIT_ADDR,
                      backend.POLL_ADDR)
+    global _consulted_changed
+    _consulted_changed = _cloop.consulted_changed
     return _cloop.run
 
 
