@@ -1077,6 +1077,38 @@ def test_closed_channels_fd_reused_in_the_same_iteration(aco, use_poll, wait, so
     assert a_first, "A never ran before B: the case was not exercised"
 
 
+def test_channel_made_managed_by_a_nested_loop_in_its_own_handler(aco, use_poll, wait, socks):
+    """A consulted channel (a writable() of its own, on the instance) drops
+    it and runs a nested loop on its map, which manages it from then on;
+    what its handler changes afterwards (``connected``, without touch())
+    must reach the next iteration, as it does in 3.11, which asks
+    writable() every time.  (The C loop's dispatch takes a channel it found
+    consulted as still consulted unless MapState.consulted changed since.)"""
+    asyncore = aco
+    m = {}
+    log = []
+
+    class Chan(asyncore.dispatcher_with_send):
+        def handle_read(self):
+            log.append(("read", self.recv(100)))
+            del self.writable                 # managed from the next reconcile,
+            asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)   # made here
+            self.connected = False            # dispatcher_with_send.writable(): True
+
+        def handle_write(self):
+            log.append(("write",))
+            self.connected = True
+
+    s, p = socks.pair()
+    c = Chan(s, map=m)
+    c.writable = lambda: False
+    p.send(b"x")
+    asyncore.loop(timeout=0.05, use_poll=use_poll, map=m, count=4)
+    assert log[:2] == [("read", b"x"), ("write",)], log
+    assert "writable" not in vars(c)
+    asyncore.close_all(map=m)
+
+
 def test_handler_adds_channels(aco, use_poll, wait, socks):
     asyncore = aco
     log = []
