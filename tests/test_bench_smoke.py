@@ -188,3 +188,36 @@ def test_instruction_counts_refuse_a_w4_run_that_lost_requests(tmp_path):
     assert mod.callgrind_total(argv, _env(), str(tmp_path), "full", requests=3) > 0
     with pytest.raises(RuntimeError, match="3 requests completed, 4 expected"):
         mod.callgrind_total(argv, _env(), str(tmp_path), "short", requests=4)
+
+
+def test_hook_floor_script(tmp_path):
+    """benchmarks/hook_floor.py builds its floor loop and times it beside
+    3.11's loop and the C loop through the harness's own runs: one round of
+    W1_c100, short windows; every cell a positive number."""
+    script = os.path.join(ROOT, "benchmarks", "hook_floor.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/hook_floor.py not in this tree")
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the C load generator needs Linux")
+    try:
+        from fastasyncore._bench import worker
+        worker.stdlib_modules()
+    except ImportError as exc:
+        pytest.skip("no stdlib asyncore for the reference column: %s" % exc)
+    import fastasyncore
+    if fastasyncore.BACKEND != "cffi":
+        pytest.skip("the C loop is not built")
+    proc = subprocess.run([sys.executable, script, "--rows", "W1_c100", "--rounds", "1",
+                           "--duration", "0.2", "--warmup", "0.05"],
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                          timeout=170)
+    if proc.returncode and "hook_floor.c failed" in proc.stderr:
+        pytest.skip("no headers to build the floor: %s" % proc.stderr.strip()[-200:])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| W1_c100 |")]
+    assert len(rows) == 1, proc.stdout
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    medians = [float(c.split()[0]) for c in cells[2:]]
+    assert len(medians) == 6 and all(m > 0 for m in medians), rows[0]

@@ -191,6 +191,16 @@ def have_cffi_core():
     return p.returncode == 0
 
 
+#: impl -> the argv that starts its worker process, for implementations
+#: outside this harness (benchmarks/hook_floor.py registers its floor loop)
+WORKER_ARGV = {}
+
+
+def worker_argv(impl):
+    return list(WORKER_ARGV.get(impl) or
+                [sys.executable, "-m", "fastasyncore._bench.worker"])
+
+
 def child_env(impl):
     """Environment for a worker: this fastasyncore first on sys.path, backend chosen."""
     env = dict(os.environ)
@@ -354,8 +364,8 @@ def server_run(ctx, wid, spec, impl, variant):
                 "discard" if pattern == "oneway" else "echo", "--max-seconds", "300"]
         env = dict(os.environ)
     else:
-        argv = [sys.executable, "-m", "fastasyncore._bench.worker", "serve", "--impl", impl,
-                "--pattern", pattern, "--max-seconds", "300"]
+        argv = worker_argv(impl) + ["serve", "--impl", impl,
+                                    "--pattern", pattern, "--max-seconds", "300"]
         env = child_env(impl)
     ctx.seq += 1
     srv = Server(argv, env, cpu_s, ctx.workdir, "srv%d" % ctx.seq)
@@ -455,8 +465,8 @@ def client_run(ctx, wid, spec, impl):
                     "--rounds", str(rounds), "--setup-timeout", "60"]
             env = None
         else:
-            argv = [sys.executable, "-m", "fastasyncore._bench.worker", "w4client",
-                    "--impl", impl, "--port", str(port), "--conns", str(conns),
+            argv = worker_argv(impl) + [
+                    "w4client", "--impl", impl, "--port", str(port), "--conns", str(conns),
                     "--rounds", str(rounds), "--warmup-conns", str(max(1, conns // 10)),
                     "--timeout", "60"]
             env = child_env(impl)
