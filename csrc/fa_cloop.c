@@ -731,7 +731,10 @@ static unsigned long g_cgen;
 static PyObject *
 owner_of(loopst *c, PyObject *key, int *cons)
 {
-    PyObject *e = PyDict_GetItemWithError(c->consulted, key);
+    /* (a map of managed channels only -- dispatcher_with_send, async_chat,
+     * the stock predicates -- has no consulted channel to look for) */
+    PyObject *e = PyDict_Size(c->consulted) ?
+        PyDict_GetItemWithError(c->consulted, key) : NULL;
     if (e != NULL && PyTuple_Check(e) && PyTuple_Size(e) == 4) {
         *cons = 1;
         return PyTuple_GetItem(e, 1);
@@ -744,9 +747,9 @@ owner_of(loopst *c, PyObject *key, int *cons)
 
 /* After a handler of a managed channel: did it change what readable()/
  * writable() would answer?  -> pending.add(fd).  (_loop._dispatch)
- * cons: owner_of() found the channel consulted, when g_cgen was cgen0; if
- * no consulted dict changed since, it still is, and a consulted channel
- * needs nothing here. */
+ * cons: whether owner_of() found the channel consulted, when g_cgen was
+ * cgen0; if no consulted dict changed since, that still holds, and a
+ * consulted channel needs nothing here. */
 static int
 recheck(PyObject *consulted, PyObject *pending, PyObject *key, PyObject *obj,
         int cons, unsigned long cgen0)
@@ -754,11 +757,12 @@ recheck(PyObject *consulted, PyObject *pending, PyObject *key, PyObject *obj,
     PyObject *m, *rm;
     long cm;
     int c;
-    if (cons && g_cgen == cgen0)
-        return 0;
-    c = PyDict_Contains(consulted, key);
-    if (c != 0)
+    if (g_cgen == cgen0) {
+        if (cons)
+            return 0;
+    } else if ((c = PyDict_Contains(consulted, key)) != 0) {
         return c < 0 ? -1 : 0;
+    }
     cm = c_mask(obj);
     if (cm == -1)
         return -1;
