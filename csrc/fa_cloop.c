@@ -735,13 +735,11 @@ owner_of(loopst *c, PyObject *key, int *cons)
      * the stock predicates -- has no consulted channel to look for) */
     PyObject *e = PyDict_Size(c->consulted) ?
         PyDict_GetItemWithError(c->consulted, key) : NULL;
-    if (e != NULL && PyTuple_Check(e) && PyTuple_Size(e) == 4) {
-        *cons = 1;
-        return PyTuple_GetItem(e, 1);
-    }
     if (e == NULL && PyErr_Occurred())
         return NULL;
-    *cons = 0;
+    *cons = e != NULL;
+    if (e != NULL && PyTuple_Check(e) && PyTuple_Size(e) == 4)
+        return PyTuple_GetItem(e, 1);
     return PyDict_GetItemWithError(c->owner, key);
 }
 
@@ -812,9 +810,21 @@ typedef struct {
     PyObject *key;
     PyObject *obj;
     int err;        /* a refused fd (FA_POLLFAULT): its errno; else 0 */
-    int cons;       /* owner_of() found it consulted ... */
-    unsigned long cgen;     /* ... when g_cgen was this */
+    int cons;       /* owner_of() found it consulted (when the pass began) */
 } item;
+
+/* Queue obj's event for key (new references taken) in dispatch_select(). */
+static void
+todo_add(item *t, Py_ssize_t *cnt, PyObject *key, PyObject *obj, int err, int cons)
+{
+    Py_INCREF(key);
+    Py_INCREF(obj);
+    t[*cnt].key = key;
+    t[*cnt].obj = obj;
+    t[*cnt].err = err;
+    t[*cnt].cons = cons;
+    (*cnt)++;
+}
 
 /* An fd the poller refused (FA_POLLFAULT in ev, rare): _loop._route_fault
  * raises the OSError 3.11 would have seen from the socket and routes it as
@@ -977,23 +987,15 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             /* the common case; the kernel reports POLLIN only for fds
              * registered for it, so the mask test is moot.  A refused fd is
              * routed in the read pass (_loop._dispatch does the same). */
-            Py_INCREF(obj);
-            todo[0][cnt[0]].key = key;
-            todo[0][cnt[0]].err = (ev & FA_POLLFAULT) ? ev : 0;
-            todo[0][cnt[0]].cons = cons;
-            todo[0][cnt[0]].cgen = cgen0;
-            todo[0][cnt[0]++].obj = obj;
+            todo_add(todo[0], &cnt[0], key, obj, (ev & FA_POLLFAULT) ? ev : 0, cons);
+            Py_DECREF(key);
             continue;
         }
         if (ev == FA_POLLOUT) {
             /* the other common one: reported only for fds registered for
              * it too (the pollers' stand-ins for refused fds as well) */
-            Py_INCREF(obj);
-            todo[1][cnt[1]].key = key;
-            todo[1][cnt[1]].err = 0;
-            todo[1][cnt[1]].cons = cons;
-            todo[1][cnt[1]].cgen = cgen0;
-            todo[1][cnt[1]++].obj = obj;
+            todo_add(todo[1], &cnt[1], key, obj, 0, cons);
+            Py_DECREF(key);
             continue;
         }
         mv = PyDict_GetItemWithError(mask, key);
@@ -1011,31 +1013,13 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
              * (its recv fails with EBADF -> handle_close()) */
             ev |= FA_POLLIN | FA_POLLOUT;
         if ((m & FA_POLLIN) && (ev & (FA_POLLIN | FA_POLLHUP | FA_POLLERR))) {
-            Py_INCREF(key);
-            Py_INCREF(obj);
-            todo[0][cnt[0]].key = key;
-            todo[0][cnt[0]].err = 0;
-            todo[0][cnt[0]].cons = cons;
-            todo[0][cnt[0]].cgen = cgen0;
-            todo[0][cnt[0]++].obj = obj;
+            todo_add(todo[0], &cnt[0], key, obj, 0, cons);
         }
         if ((m & FA_POLLOUT) && (ev & (FA_POLLOUT | FA_POLLERR | FA_POLLHUP))) {
-            Py_INCREF(key);
-            Py_INCREF(obj);
-            todo[1][cnt[1]].key = key;
-            todo[1][cnt[1]].err = 0;
-            todo[1][cnt[1]].cons = cons;
-            todo[1][cnt[1]].cgen = cgen0;
-            todo[1][cnt[1]++].obj = obj;
+            todo_add(todo[1], &cnt[1], key, obj, 0, cons);
         }
         if ((m & FA_POLLPRI) && (ev & FA_POLLPRI)) {
-            Py_INCREF(key);
-            Py_INCREF(obj);
-            todo[2][cnt[2]].key = key;
-            todo[2][cnt[2]].err = 0;
-            todo[2][cnt[2]].cons = cons;
-            todo[2][cnt[2]].cgen = cgen0;
-            todo[2][cnt[2]++].obj = obj;
+            todo_add(todo[2], &cnt[2], key, obj, 0, cons);
         }
         Py_DECREF(key);
     }
@@ -1050,7 +1034,7 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             if (todo[k][i].err) {
                 if (route_fault(obj, todo[k][i].err) < 0)
                     goto out;
-                if (recheck(consulted, pending, key, obj, todo[k][i].cons, todo[k][i].cgen) < 0)
+                if (recheck(consulted, pending, key, obj, todo[k][i].cons, cgen0) < 0)
                     goto out;
                 continue;
             }
@@ -1061,8 +1045,7 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             } else {
                 Py_DECREF(r);
             }
-            if (recheck(consulted, pending, key, obj, todo[k][i].cons,
-                        todo[k][i].cgen) < 0)
+            if (recheck(consulted, pending, key, obj, todo[k][i].cons, cgen0) < 0)
                 goto out;
         }
     }
@@ -1469,6 +1452,22 @@ still_stateless(loopst *c)
     return p == Py_None;
 }
 
+/* A consulted answer that changes mask[fd] between two nonzero masks: into
+ * the mask, and into the batch for a persistent poller; without one flush()
+ * only counts it (*nstateless).  0 or -1. */
+static int
+set_nonzero_change(loopst *c, PyObject *fd, PyObject *mo, int stateless,
+                   Py_ssize_t *nstateless)
+{
+    if (PyDict_SetItem(c->mask, fd, mo) < 0)
+        return -1;
+    if (stateless) {
+        (*nstateless)++;
+        return 0;
+    }
+    return PyDict_SetItem(c->batch, fd, mo);
+}
+
 /* Apply channel obj's consulted answer m (mo: the same as an int object, or
  * NULL) for key fd, if it differs from the mask in force.  A change between
  * two nonzero masks goes into the batch for a persistent poller; without one
@@ -1498,11 +1497,7 @@ apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
     else if (!(mo = PyLong_FromLong(m)))
         return -1;
     if (cur && m) {
-        s = PyDict_SetItem(c->mask, fd, mo);
-        if (s == 0 && stateless)
-            (*nstateless)++;
-        else if (s == 0)
-            s = PyDict_SetItem(c->batch, fd, mo);
+        s = set_nonzero_change(c, fd, mo, stateless, nstateless);
     } else {
         PyObject *o = PyDict_GetItemWithError(c->owner, fd);
         s = 0;
@@ -1639,11 +1634,7 @@ consult_vec(loopst *c, int select_mode)
                     /* apply_answer()'s change between nonzero masks */
                     fd = PyTuple_GetItem(fds, i);
                     remember_key(fd);
-                    if (PyDict_SetItem(c->mask, fd, mo) < 0)
-                        goto out;
-                    if (stateless)
-                        nstateless++;
-                    else if (PyDict_SetItem(c->batch, fd, mo) < 0)
+                    if (set_nonzero_change(c, fd, mo, stateless, &nstateless) < 0)
                         goto out;
                     continue;
                 }
