@@ -47,11 +47,9 @@ from fastasyncore._bench import runner  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLOOR = "hook-floor"
 IMPLS = ["asyncore-select", "fastasyncore-cffi", FLOOR]
-ROWS = {
-    "W1_c100": ("server", dict(metric="req", mode="pingpong", conns=100, size=64)),
-    "W1_c1000": ("server", dict(metric="req", mode="pingpong", conns=1000, size=64)),
-    "W4": ("client", dict(metric="req", conns=1000, rounds=20)),
-}
+# row -> (kind, spec): the harness's own workloads (W4 is its W4_client)
+_SPECS = {w: (kind, spec) for w, kind, spec in runner.WORKLOADS}
+ROWS = {"W1_c100": _SPECS["W1_c100"], "W1_c1000": _SPECS["W1_c1000"], "W4": _SPECS["W4_client"]}
 
 
 def build(workdir):
