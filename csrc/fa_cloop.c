@@ -37,6 +37,8 @@
 #include <math.h>
 #include <string.h>
 #include <time.h>
+#include <stddef.h>
+#include "structmember.h"       /* PyMemberDef, T_OBJECT_EX (3.9-3.11) */
 
 #include "fastasyncore.h"
 #include "fa_chanio.h"
@@ -53,14 +55,11 @@ typedef int (*fa_poll_fn)(const int *, size_t, int, int *, size_t);
 /* Interned attribute/method names, created once at import. */
 static struct {
     PyObject *handle_read_event, *handle_write_event, *handle_expt_event,
-        *handle_close, *handle_error, *fa_mask, *fa_regmask, *errno_,
-        *thread, *map, *poller, *pending, *full, *owner, *consulted, *batch,
-        *mask, *suspended, *iters, *adapt_at, *lock, *closed, *p_pending,
-        *reg, *addr, *freed, *free_after_close, *acquire, *release,
-        *force_mode, *wait, *csnap, *cprev, *snapshot, *reconcile,
-        *set_mask, *accepting, *readable, *writable, *nchg, *nev, *fa_out,
-        *connected, *nbytes, *producer_fifo, *svc, *wakefd, *woken,
-        *calls, *ready, *due, *cvec, *spoll;
+        *handle_close, *handle_error, *fa_mask, *fa_regmask, *errno_, *lock,
+        *closed, *p_pending, *reg, *addr, *freed, *free_after_close,
+        *acquire, *release, *force_mode, *wait, *snapshot, *reconcile,
+        *set_mask, *accepting, *readable, *writable, *fa_out, *connected,
+        *nbytes, *producer_fifo, *woken, *calls, *ready, *due;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -84,28 +83,172 @@ call0(PyObject *obj, PyObject *name)
     return PyObject_CallMethodObjArgs(obj, name, NULL);
 }
 
-/* len(getattr(obj, name)); -1 on error. */
-static Py_ssize_t
-attr_len(PyObject *obj, PyObject *name)
+/* ------------------------------------------------------------------------ */
+/* _cloop.StateBase: the fields of _loop.MapState that this loop reads and
+ * writes, as a C struct.  MapState subclasses it wherever this module is
+ * built (and keeps its other fields in __slots__).
+ *
+ * Why: PyObject_GetAttr() of a __slots__ field costs ~150 instructions
+ * (the generic getattr, the type's MRO lookup, the member descriptor), and
+ * the loop made ~8 such reads and writes per iteration of a map with
+ * consulted channels (csnap, cvec, cprev, poller, nchg, spoll: ~13% of a
+ * 1-socketpair docs-pattern ping-pong, by callgrind) and ~15 per loop()
+ * call (a user's `while ...: loop(count=1)` pays them per iteration).
+ * Here each is a pointer read.  To Python these fields are what __slots__
+ * fields are -- member descriptors (T_OBJECT_EX: AttributeError until
+ * set), read and written at the same speed -- so _loop.py, the Python
+ * loop included, uses them unchanged.  The C loop runs only where
+ * MapState is a subclass (_loop._resolve_crun), and checks that every
+ * state it takes is one. */
+enum {
+    F_MAP, F_THREAD, F_POLLER, F_OWNER, F_MASK, F_CONSULTED, F_PENDING,
+    F_BATCH, F_SUSPENDED, F_FULL, F_ITERS, F_NCHG, F_NEV, F_ADAPT_AT,
+    F_CSNAP, F_CVEC, F_CPREV, F_SPOLL, F_SVC, F_WAKEFD, NFIELDS
+};
+static const char *const g_fnames[NFIELDS] = {
+    "map", "thread", "poller", "owner", "mask", "consulted", "pending",
+    "batch", "suspended", "full", "iters", "nchg", "nev", "adapt_at",
+    "csnap", "cvec", "cprev", "spoll", "svc", "wakefd"
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *f[NFIELDS];
+} stbase;
+
+static PyObject *g_StateBase;   /* the type (a strong reference) */
+#define STF(st, k) (((stbase *)(st))->f[k])
+
+/* The AttributeError of a field never set (as getattr raises it). */
+static void
+st_unset(int k)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    Py_ssize_t n;
+    PyErr_Format(PyExc_AttributeError, "'%s' of the map state is not set",
+                 g_fnames[k]);
+}
+
+/* st.<field k>, a new reference; NULL with AttributeError where unset. */
+static PyObject *
+st_get(PyObject *st, int k)
+{
+    PyObject *v = STF(st, k);
+    if (v == NULL) {
+        st_unset(k);
+        return NULL;
+    }
+    Py_INCREF(v);
+    return v;
+}
+
+/* st.<field k>, borrowed: only to compare with None or by identity before
+ * any call into Python.  NULL with AttributeError where unset. */
+static PyObject *
+st_peek(PyObject *st, int k)
+{
+    PyObject *v = STF(st, k);
+    if (v == NULL)
+        st_unset(k);
+    return v;
+}
+
+/* st.<field k> = v (v: a borrowed reference, or NULL for the caller's
+ * failed call).  0 or -1.  The old value goes last: its deallocation may
+ * run Python code, which then sees the new value. */
+static int
+st_set(PyObject *st, int k, PyObject *v)
+{
+    PyObject *old = STF(st, k);
     if (v == NULL)
         return -1;
-    n = PyObject_Size(v);
-    Py_DECREF(v);
-    return n;
+    Py_INCREF(v);
+    STF(st, k) = v;
+    Py_XDECREF(old);
+    return 0;
+}
+
+/* int(st.<field k>) into *out.  0 or -1. */
+static int
+st_long(PyObject *st, int k, long *out)
+{
+    PyObject *v = STF(st, k);
+    if (v == NULL) {
+        st_unset(k);
+        return -1;
+    }
+    *out = PyLong_AsLong(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* st.<field k> = a new int n.  0 or -1. */
+static int
+st_set_long(PyObject *st, int k, long n)
+{
+    PyObject *v = PyLong_FromLong(n);
+    int rc = st_set(st, k, v);
+    Py_XDECREF(v);
+    return rc;
 }
 
 static int
-attr_long(PyObject *obj, PyObject *name, long *out)
+stbase_traverse(PyObject *self, visitproc visit, void *arg)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+    int k;
+    for (k = 0; k < NFIELDS; k++)
+        Py_VISIT(STF(self, k));
+    Py_VISIT((PyObject *)Py_TYPE(self));    /* a heap type's instances do */
+    return 0;
+}
+
+static int
+stbase_clear(PyObject *self)
+{
+    int k;
+    for (k = 0; k < NFIELDS; k++)
+        Py_CLEAR(STF(self, k));
+    return 0;
+}
+
+static void
+stbase_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    PyObject_GC_UnTrack(self);
+    stbase_clear(self);
+    tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyMemberDef stbase_members[NFIELDS + 1];
+
+static PyType_Slot stbase_slots[] = {
+    {Py_tp_doc, "The fields of _loop.MapState the C loop reads (csrc/fa_cloop.c)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, stbase_dealloc},
+    {Py_tp_traverse, stbase_traverse},
+    {Py_tp_clear, stbase_clear},
+    {Py_tp_members, stbase_members},
+    {0, NULL}
+};
+
+static PyType_Spec stbase_spec = {
+    "fastasyncore._cloop.StateBase", sizeof(stbase), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    stbase_slots
+};
+
+static PyObject *
+stbase_type_new(void)
+{
+    int k;
+    for (k = 0; k < NFIELDS; k++) {
+        stbase_members[k].name = g_fnames[k];
+        stbase_members[k].type = T_OBJECT_EX;
+        stbase_members[k].offset = (Py_ssize_t)(offsetof(stbase, f) + k * sizeof(PyObject *));
+        stbase_members[k].flags = 0;
+        stbase_members[k].doc = NULL;
+    }
+    return PyType_FromSpec(&stbase_spec);
 }
 
 /* st.nchg += n (the interest changes adapt() weighs).  0 or -1. */
@@ -113,13 +256,9 @@ static int
 add_nchg(PyObject *st, Py_ssize_t n)
 {
     long nchg;
-    PyObject *v;
-    int rc;
-    if (attr_long(st, S.nchg, &nchg) < 0 || !(v = PyLong_FromLong(nchg + (long)n)))
+    if (st_long(st, F_NCHG, &nchg) < 0)
         return -1;
-    rc = PyObject_SetAttr(st, S.nchg, v);
-    Py_DECREF(v);
-    return rc;
+    return st_set_long(st, F_NCHG, nchg + (long)n);
 }
 
 /* The consult changed masks without a poller (nstateless): st.spoll, the
@@ -135,10 +274,9 @@ spoll_stale(PyObject *st)
     int rc = -1, had = PyErr_Occurred() != NULL;
     if (had)
         PyErr_Fetch(&t, &v, &tb);           /* the caller's error comes first */
-    if (!(sp = PyObject_GetAttr(st, S.spoll)))
+    if (!(sp = st_peek(st, F_SPOLL)))
         goto out;
-    Py_DECREF(sp);                          /* compared with None only */
-    if (sp == Py_None || PyObject_SetAttr(st, S.spoll, Py_None) == 0)
+    if (sp == Py_None || st_set(st, F_SPOLL, Py_None) == 0)
         rc = 0;
 out:
     if (had) {
@@ -272,7 +410,7 @@ svc_forget(loopst *c)
 static int
 read_svc(loopst *c)
 {
-    PyObject *v = PyObject_GetAttr(c->st, S.svc);
+    PyObject *v = st_get(c->st, F_SVC);
     if (v == NULL)
         return -1;
     svc_forget(c);
@@ -383,8 +521,8 @@ fail:
 static int
 read_iters(loopst *c)
 {
-    return (attr_long(c->st, S.iters, &c->iters) < 0 ||
-            attr_long(c->st, S.adapt_at, &c->adapt_at) < 0) ? -1 : 0;
+    return (st_long(c->st, F_ITERS, &c->iters) < 0 ||
+            st_long(c->st, F_ADAPT_AT, &c->adapt_at) < 0) ? -1 : 0;
 }
 
 /* Hand the iterations counted here to st.iters (before _prepare/adapt looks
@@ -392,27 +530,21 @@ read_iters(loopst *c)
 static int
 flush_iters(loopst *c)
 {
-    PyObject *v;
     long now;
     int r;
     if (c->cev) {
-        if (attr_long(c->st, S.nev, &now) < 0 || !(v = PyLong_FromLong(now + c->cev)))
+        if (st_long(c->st, F_NEV, &now) < 0)
             return -1;
-        r = PyObject_SetAttr(c->st, S.nev, v);
-        Py_DECREF(v);
+        r = st_set_long(c->st, F_NEV, now + c->cev);
         c->cev = 0;
         if (r < 0)
             return -1;
     }
     if (!c->citers)
         return 0;
-    if (attr_long(c->st, S.iters, &now) < 0)
+    if (st_long(c->st, F_ITERS, &now) < 0)
         return -1;
-    v = PyLong_FromLong(now + c->citers);
-    if (v == NULL)
-        return -1;
-    r = PyObject_SetAttr(c->st, S.iters, v);
-    Py_DECREF(v);
+    r = st_set_long(c->st, F_ITERS, now + c->citers);
     c->citers = 0;
     return r;
 }
@@ -421,18 +553,22 @@ static int
 loopst_take(loopst *c, PyObject *st, PyObject *me)
 {
     memset(c, 0, sizeof(*c));
-    if (PyObject_SetAttr(st, S.thread, me) < 0)
+    if (!PyObject_TypeCheck(st, (PyTypeObject *)g_StateBase)) {
+        PyErr_SetString(PyExc_TypeError, "the map state is not a _cloop.StateBase");
+        return -1;
+    }
+    if (st_set(st, F_THREAD, me) < 0)
         return -1;
     Py_INCREF(st);
     c->st = st;
-#define GET(field, name) \
-    if (!(c->field = PyObject_GetAttr(st, S.name))) goto fail
-    GET(owner, owner);
-    GET(mask, mask);
-    GET(pending, pending);
-    GET(consulted, consulted);
-    GET(batch, batch);
-    GET(suspended, suspended);
+#define GET(field, k) \
+    if (!(c->field = st_get(st, k))) goto fail
+    GET(owner, F_OWNER);
+    GET(mask, F_MASK);
+    GET(pending, F_PENDING);
+    GET(consulted, F_CONSULTED);
+    GET(batch, F_BATCH);
+    GET(suspended, F_SUSPENDED);
 #undef GET
     if (!PyDict_Check(c->owner) || !PyDict_Check(c->mask) ||
         !PyAnySet_Check(c->pending) || !PyDict_Check(c->consulted) ||
@@ -444,7 +580,7 @@ loopst_take(loopst *c, PyObject *st, PyObject *me)
         goto fail;
     {
         long w;
-        if (attr_long(st, S.wakefd, &w) < 0)
+        if (st_long(st, F_WAKEFD, &w) < 0)
             goto fail;
         c->wakefd = (w >= 0 && w <= INT_MAX) ? (int)w : -1;
     }
@@ -467,7 +603,7 @@ loopst_release(loopst *c, PyObject *map)
         return 0;
     if (had)
         PyErr_Fetch(&t, &v, &tb);
-    if (flush_iters(c) < 0 || PyObject_SetAttr(c->st, S.thread, Py_None) < 0) {
+    if (flush_iters(c) < 0 || st_set(c->st, F_THREAD, Py_None) < 0) {
         rc = -1;
     } else if (PyDict_Size(map) == 0) {
         PyObject *r = PyObject_CallFunctionObjArgs(g_forget_map, map, NULL);
@@ -1360,8 +1496,11 @@ prep_kind(loopst *c, PyObject *map)
     /* st.full is set by MapState() and by forget_map() (which tells us
      * through states_changed()); reconcile() clears it */
     if (c->check_full) {
-        if ((t = attr_true(c->st, S.full)) != 0)
-            return t < 0 ? -1 : PREP_FULL;
+        PyObject *full = st_peek(c->st, F_FULL);
+        if (full == NULL || (t = PyObject_IsTrue(full)) < 0)
+            return -1;
+        if (t)
+            return PREP_FULL;
         c->check_full = 0;
     }
     fm = PyDict_GetItemWithError(g_loopdict, S.force_mode);
@@ -1445,10 +1584,9 @@ first_key_ok(PyObject *fd)
 static int
 still_stateless(loopst *c)
 {
-    PyObject *p = PyObject_GetAttr(c->st, S.poller);
+    PyObject *p = st_peek(c->st, F_POLLER);
     if (p == NULL)
         return -1;
-    Py_DECREF(p);                       /* compared with None only */
     return p == Py_None;
 }
 
@@ -1550,7 +1688,7 @@ consult_vec(loopst *c, int select_mode)
     Py_ssize_t i, n, nstateless = 0;
     int rc = -1, stateless, s, same;
 
-    if (!(vec = PyObject_GetAttr(c->st, S.cvec)))
+    if (!(vec = st_get(c->st, F_CVEC)))
         return -1;
     if (!PyTuple_Check(vec) || PyTuple_Size(vec) != 3 ||
         !PyTuple_Check(fds = PyTuple_GetItem(vec, 1)) ||
@@ -1569,7 +1707,7 @@ consult_vec(loopst *c, int select_mode)
     }
     /* read after the answers: a predicate may have run a nested loop on
      * this map (which may have reset it) */
-    if (!(prev = PyObject_GetAttr(c->st, S.cprev)))
+    if (!(prev = st_get(c->st, F_CPREV)))
         goto out;
     if (PyTuple_Check(prev) && PyTuple_Size(prev) == 2) {
         s = PyObject_IsTrue(PyTuple_GetItem(prev, 0));
@@ -1581,13 +1719,12 @@ consult_vec(loopst *c, int select_mode)
     }
     if (!(key = PyTuple_Pack(2, sm, masks)))
         goto out;
-    s = PyObject_SetAttr(c->st, S.cprev, key);
+    s = st_set(c->st, F_CPREV, key);
     Py_DECREF(key);
     if (s < 0)
         goto out;
-    if (!(p = PyObject_GetAttr(c->st, S.poller)))
+    if (!(p = st_peek(c->st, F_POLLER)))
         goto out;
-    Py_DECREF(p);                       /* compared with None only */
     stateless = p == Py_None;
     /* Still the same cvec after the answers (no channel of it dropped by a
      * predicate)?  Then, with pm, the last pass ran over the same channels
@@ -1596,10 +1733,9 @@ consult_vec(loopst *c, int select_mode)
      * (apply_answer()): a change between two nonzero masks needs no look
      * at the mask (a lookup less per flipped answer, two per message of
      * the docs pattern). */
-    if (!(p = PyObject_GetAttr(c->st, S.cvec)))
+    if (!(p = st_peek(c->st, F_CVEC)))
         goto out;
-    Py_DECREF(p);                       /* compared by identity only */
-    same = pm != NULL && p == vec;
+    same = pm != NULL && p == vec;      /* compared by identity only */
     for (i = 0; i < n; i++) {
         /* borrowed: masks, fds and objs are held here; the list is ours
          * (and st.cprev's, which no Python code mutates) */
@@ -1674,7 +1810,7 @@ consult(loopst *c, int select_mode)
     Py_ssize_t i, n, nstateless = 0;
     int extra = select_mode ? FA_POLLPRI : 0, rc = -1, stateless;
 
-    if (!(snap = PyObject_GetAttr(c->st, S.csnap)))
+    if (!(snap = st_get(c->st, F_CSNAP)))
         return -1;
     if (snap == Py_None) {
         Py_DECREF(snap);
@@ -1685,23 +1821,20 @@ consult(loopst *c, int select_mode)
         PyErr_SetString(PyExc_TypeError, "MapState.csnap must be a tuple");
         goto out;
     }
-    if (!(p = PyObject_GetAttr(c->st, S.cvec)))
+    if (!(p = st_peek(c->st, F_CVEC)))
         goto out;
-    Py_DECREF(p);                       /* compared with None only */
     if (p != Py_None && !PyDict_Size(c->suspended)) {
         rc = consult_vec(c, select_mode);
         goto out;
     }
     /* consult()'s vectorized pass compares with the answers it saw last;
      * the answers asked here make those stale */
-    if (!(cprev = PyObject_GetAttr(c->st, S.cprev)))
+    if (!(cprev = st_peek(c->st, F_CPREV)))
         goto out;
-    Py_DECREF(cprev);
-    if (cprev != Py_None && PyObject_SetAttr(c->st, S.cprev, Py_None) < 0)
+    if (cprev != Py_None && st_set(c->st, F_CPREV, Py_None) < 0)
         goto out;
-    if (!(p = PyObject_GetAttr(c->st, S.poller)))
+    if (!(p = st_peek(c->st, F_POLLER)))
         goto out;
-    Py_DECREF(p);                       /* compared with None only */
     stateless = p == Py_None;
     n = PyTuple_Size(snap);
     for (i = 0; i < n; i++) {
@@ -1750,7 +1883,7 @@ flush(loopst *c)
     int rc = 0;
     if (n == 0)
         return 0;
-    if (add_nchg(c->st, n) < 0 || !(poller = PyObject_GetAttr(c->st, S.poller)))
+    if (add_nchg(c->st, n) < 0 || !(poller = st_get(c->st, F_POLLER)))
         return -1;
     if (poller != Py_None) {
         if ((poller != c->poller && poller_take(c, poller) < 0) ||
@@ -1884,7 +2017,7 @@ iteration(loopst *c, PyObject *map, PyObject *timeout, int select_mode,
                 ms = (long)left;
         }
     }
-    poller = PyObject_GetAttr(c->st, S.poller);
+    poller = st_get(c->st, F_POLLER);
     if (poller == NULL)
         return -1;
     if (poller == Py_None) {
@@ -2035,12 +2168,15 @@ cloop_run(PyObject *self, PyObject *args)
             if (st != NULL) {
                 PyObject *stmap, *stth;
                 int own;
+                if (!PyObject_TypeCheck(st, (PyTypeObject *)g_StateBase)) {
+                    PyErr_SetString(PyExc_TypeError,
+                                    "the map state is not a _cloop.StateBase");
+                    goto fail;
+                }
                 Py_INCREF(st);
-                stmap = PyObject_GetAttr(st, S.map);
-                stth = stmap ? PyObject_GetAttr(st, S.thread) : NULL;
+                stmap = st_peek(st, F_MAP);
+                stth = stmap ? st_peek(st, F_THREAD) : NULL;
                 own = stmap == map && stth == Py_None;
-                Py_XDECREF(stmap);
-                Py_XDECREF(stth);
                 if (stth == NULL || (own && loopst_take(&c, st, me) < 0)) {
                     Py_DECREF(st);
                     goto fail;
@@ -2199,29 +2335,14 @@ PyInit__cloop(void)
     INTERN(handle_write_event, "handle_write_event");
     INTERN(handle_expt_event, "handle_expt_event");
     INTERN(handle_close, "handle_close");
-    INTERN(svc, "svc");
-    INTERN(wakefd, "wakefd");
     INTERN(woken, "_woken");
     INTERN(calls, "calls");
     INTERN(ready, "ready");
     INTERN(due, "due");
-    INTERN(cvec, "cvec");
     INTERN(handle_error, "handle_error");
     INTERN(fa_mask, "_fa_mask");
     INTERN(fa_regmask, "_fa_regmask");
     INTERN(errno_, "errno");
-    INTERN(thread, "thread");
-    INTERN(map, "map");
-    INTERN(poller, "poller");
-    INTERN(pending, "pending");
-    INTERN(full, "full");
-    INTERN(owner, "owner");
-    INTERN(consulted, "consulted");
-    INTERN(batch, "batch");
-    INTERN(mask, "mask");
-    INTERN(suspended, "suspended");
-    INTERN(iters, "iters");
-    INTERN(adapt_at, "adapt_at");
     INTERN(lock, "_lock");
     INTERN(closed, "closed");
     INTERN(p_pending, "_pending");
@@ -2233,20 +2354,30 @@ PyInit__cloop(void)
     INTERN(release, "release");
     INTERN(force_mode, "_force_mode");
     INTERN(wait, "wait");
-    INTERN(csnap, "csnap");
-    INTERN(cprev, "cprev");
-    INTERN(spoll, "spoll");
     INTERN(snapshot, "snapshot");
     INTERN(reconcile, "reconcile");
     INTERN(set_mask, "_set_mask");
     INTERN(accepting, "accepting");
     INTERN(readable, "readable");
     INTERN(writable, "writable");
-    INTERN(nchg, "nchg");
-    INTERN(nev, "nev");
     INTERN(fa_out, "_fa_out");
     INTERN(connected, "connected");
     INTERN(nbytes, "nbytes");
     INTERN(producer_fifo, "producer_fifo");
-    return PyModule_Create(&cloop_module);
+    {
+        PyObject *m = PyModule_Create(&cloop_module);
+        if (m == NULL)
+            return NULL;
+        if (!(g_StateBase = stbase_type_new())) {
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_INCREF(g_StateBase);             /* ours, beside the module's */
+        if (PyModule_AddObject(m, "StateBase", g_StateBase) < 0) {
+            Py_DECREF(g_StateBase);
+            Py_DECREF(m);
+            return NULL;
+        }
+        return m;
+    }
 }

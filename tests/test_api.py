@@ -157,6 +157,31 @@ def test_loop_is_visible_and_follows_backend_and_env():
         _loop.set_loop("fast")
 
 
+def test_pure_backend_loads_no_compiled_loop_and_switching_keeps_the_python_loop():
+    # FASTASYNCORE_BACKEND=pure stands for a platform without our C code:
+    # MapState keeps every field in __slots__ (no _cloop.StateBase under
+    # it), and a later switch to the cffi backend runs the Python loop,
+    # which the C loop cannot replace for states it cannot read.
+    r = run_py("""
+        import sys
+        import fastasyncore
+        from fastasyncore import _backend, _loop
+        print(_loop.MapState.__bases__ == (object,),
+              "fastasyncore._cloop" in sys.modules, "map" in _loop.MapState.__slots__)
+        try:
+            import fastasyncore._cffi
+        except ImportError:
+            print("no-core")
+        else:
+            _backend.set_backend("cffi")
+            print(_loop.loop_impl())
+    """, FASTASYNCORE_BACKEND="pure")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert lines[0] == "True False True", r.stdout
+    assert lines[1] in ("py", "no-core"), r.stdout
+
+
 def test_accepting_is_an_instance_attribute_unless_a_subclass_redefines_it(impl):
     # On CPython 3.11 fastasyncore copies the class's plain False to the
     # instance (3.11 reads instance values inline, class attributes only

@@ -1956,3 +1956,81 @@ def test_the_c_loop_is_active_for_the_cffi_backend():
         with _Switch("c"):
             _loop.set_loop("auto")
             assert _loop.loop_impl() == "c"
+
+
+# ---------------------------------------------------------------------------
+# _cloop.StateBase: the MapState fields the C loop reads as a C struct
+
+def test_map_state_fields_live_in_the_c_struct(cloop):
+    _need_cloop()
+    from fastasyncore import _cloop
+    assert issubclass(_loop.MapState, _cloop.StateBase)
+    for name in _loop._C_FIELDS:
+        assert name not in _loop.MapState.__slots__
+        assert type(vars(_cloop.StateBase)[name]).__name__ == "member_descriptor"
+    m = {}
+    st = _loop.MapState(m)
+    try:
+        # what __init__ set reads back, as from __slots__
+        assert st.map is m and st.thread is None and st.poller is None
+        assert (st.iters, st.nchg, st.nev) == (0, 0, 0)
+        assert st.mask == {} and st.cprev is None and st.full is True
+        st.nchg += 5
+        assert st.nchg == 5
+        del st.cprev
+        with pytest.raises(AttributeError):
+            st.cprev
+        st.cprev = None
+    finally:
+        st.close()
+
+
+def test_map_state_in_a_reference_cycle_is_collected(cloop):
+    # tp_traverse visits the C fields: a cycle through one of them is found
+    _need_cloop()
+    st = _loop.MapState({})
+    st.close()
+    st.cprev = (True, [st])
+    st.csnap = (st,)
+    ref = weakref.ref(st)
+    del st
+    gc.collect()
+    assert ref() is None
+
+
+# Fields every C iteration of this map reads (at the take, or per iteration
+# with a consulted channel): a field deleted under the loop is an
+# AttributeError naming it, never a crash.
+READ_EVERY_RUN = ["map", "thread", "poller", "owner", "mask", "consulted", "pending",
+                  "batch", "suspended", "full", "iters", "adapt_at", "csnap", "cprev",
+                  "svc", "wakefd"]
+
+
+@pytest.mark.parametrize("field", READ_EVERY_RUN)
+def test_deleted_map_state_field_raises_attribute_error(cloop, use_poll, socks, field):
+    _need_cloop()
+    asyncore = cloop
+    m = {}
+
+    class Asked(asyncore.dispatcher):
+        def writable(self):         # consulted: asked every iteration
+            return False
+
+        def handle_read(self):
+            self.recv(100)
+
+    a, b = socks.pair()
+    Asked(a, map=m)
+    asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+    st = _loop._states[id(m)]
+    saved = getattr(st, field)
+    delattr(st, field)
+    try:
+        with pytest.raises(AttributeError, match=field):
+            asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=2)
+    finally:
+        setattr(st, field, saved)
+    st.thread = None            # (a failed take may leave it set)
+    b.send(b"x")
+    asyncore.loop(timeout=0.5, use_poll=use_poll, map=m, count=2)
+    asyncore.close_all(map=m)

@@ -347,14 +347,39 @@ def _check_key(fd: Any) -> None:
         raise OverflowError("fd %d is too large" % fd)
 
 
-class MapState:
+# The fields of MapState the C loop reads and writes: in _cloop.StateBase, a
+# C struct, where that module is built (a pointer read each for fa_cloop.c
+# instead of a getattr of ~150 instructions; to Python they are what
+# __slots__ fields are), else in MapState's own __slots__.
+_C_FIELDS = ("map", "thread", "poller", "owner", "mask", "consulted", "pending",
+             "batch", "suspended", "full", "iters", "nchg", "nev", "adapt_at",
+             "csnap", "cvec", "cprev", "spoll", "svc", "wakefd")
+
+
+def _state_base() -> type:
+    """_cloop.StateBase, or object where the C loop cannot run: the module
+    is not built, or FASTASYNCORE_BACKEND=pure (which loads no compiled
+    code of ours, as on a platform without it: asyncore._install_c_methods)."""
+    if os.environ.get("FASTASYNCORE_BACKEND", "auto").strip().lower() == "pure":
+        return object
+    try:
+        from . import _cloop
+    except ImportError:
+        return object
+    base = getattr(_cloop, "StateBase", None)
+    if base is None or not all(hasattr(base, f) for f in _C_FIELDS):
+        return object
+    return base
+
+
+_StateBase: Any = _state_base()
+
+
+class MapState(_StateBase):  # type: ignore[misc]
     """The persistent poller and bookkeeping for one socket map."""
 
-    __slots__ = ("map", "poller", "owner", "mask", "consulted", "pending",
-                 "full", "thread", "suspended", "batch", "iters", "nchg", "nev",
-                 "csnap", "cvec", "cvec_on", "cprev", "adapt_at", "reclass",
-                 "spoll", "disp", "dead", "faults", "svc", "wake",
-                 "wakefd", "__weakref__")
+    __slots__ = (("cvec_on", "reclass", "disp", "dead", "faults", "wake", "__weakref__")
+                 + (_C_FIELDS if _StateBase is object else ()))
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -1188,6 +1213,10 @@ def _resolve_crun(backend: Any) -> Any:
         return None
     try:
         from . import _cloop
+        if _StateBase is not getattr(_cloop, "StateBase", None):
+            # (FASTASYNCORE_BACKEND=pure at import, cffi now: the states
+            # are plain Python objects, which the C loop cannot read)
+            raise ImportError("MapState is not built on _cloop.StateBase")
     except ImportError as exc:
         if _loop_choice == "c":
             raise ImportError("FASTASYNCORE_LOOP='c' but the C loop "
