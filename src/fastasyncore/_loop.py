@@ -43,7 +43,7 @@ __all__ = [
     "forget_map", "forget_all", "poller_kind", "register_managed", "suspend",
     "bound_is", "reclassify", "INHERITED", "LOOP_VALID", "c_run",
     "loop_impl", "set_loop", "run", "attach_services", "ready_now", "wakeup",
-    "set_waker", "note_services",
+    "set_waker", "note_services", "cloop_module",
 ]
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -356,17 +356,22 @@ _C_FIELDS = ("map", "thread", "poller", "owner", "mask", "consulted", "pending",
              "csnap", "cvec", "cprev", "spoll", "svc", "wakefd")
 
 
-def _state_base() -> type:
-    """_cloop.StateBase, or object where the C loop cannot run: the module
-    is not built, or FASTASYNCORE_BACKEND=pure (which loads no compiled
-    code of ours, as on a platform without it: asyncore._install_c_methods)."""
+def cloop_module() -> Any:
+    """fastasyncore._cloop, or None where it is not built or may not load:
+    FASTASYNCORE_BACKEND=pure stands for a platform without our compiled
+    code, and loads none of it (no C channel methods, no StateBase)."""
     if os.environ.get("FASTASYNCORE_BACKEND", "auto").strip().lower() == "pure":
-        return object
+        return None
     try:
         from . import _cloop
     except ImportError:
-        return object
-    base = getattr(_cloop, "StateBase", None)
+        return None
+    return _cloop
+
+
+def _state_base() -> type:
+    """_cloop.StateBase, or object where the C loop cannot run."""
+    base = getattr(cloop_module(), "StateBase", None)
     if base is None or not all(hasattr(base, f) for f in _C_FIELDS):
         return object
     return base

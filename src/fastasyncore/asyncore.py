@@ -760,12 +760,7 @@ def _install_c_methods():
     """Put the C methods on the classes (_cloop built, and the C core not
     refused by FASTASYNCORE_BACKEND=pure); their fast paths run while the
     cffi backend is active (_backend.set_backend() turns them off and on)."""
-    if os.environ.get("FASTASYNCORE_BACKEND", "auto").strip().lower() == "pure":
-        return False
-    try:
-        from . import _cloop
-    except ImportError:
-        return False
+    _cloop = _loop.cloop_module()
     make = getattr(_cloop, "chan_methods", None)
     if make is None:
         return False
