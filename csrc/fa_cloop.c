@@ -1496,8 +1496,13 @@ prep_kind(loopst *c, PyObject *map)
     /* st.full is set by MapState() and by forget_map() (which tells us
      * through states_changed()); reconcile() clears it */
     if (c->check_full) {
-        PyObject *full = st_peek(c->st, F_FULL);
-        if (full == NULL || (t = PyObject_IsTrue(full)) < 0)
+        /* held: its __bool__ may run Python code, which may replace it */
+        PyObject *full = st_get(c->st, F_FULL);
+        if (full == NULL)
+            return -1;
+        t = PyObject_IsTrue(full);
+        Py_DECREF(full);
+        if (t < 0)
             return -1;
         if (t)
             return PREP_FULL;
