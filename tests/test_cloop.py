@@ -2034,3 +2034,33 @@ def test_deleted_map_state_field_raises_attribute_error(cloop, use_poll, socks, 
     b.send(b"x")
     asyncore.loop(timeout=0.5, use_poll=use_poll, map=m, count=2)
     asyncore.close_all(map=m)
+
+
+TIMEOUTS = [0, 1, 30, -1, -5, 10 ** 6, 10 ** 9, 10 ** 30, True, False,
+            0.0, -0.0, 1e-9, 0.0004, 0.0005, 0.0015, 0.001, 0.05, 2.5, 30.0, 1e11,
+            1e12, 1e13, -0.0004, -1.0, -2.7, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("select_mode", [True, False], ids=["select", "poll"])
+def test_c_timeout_arithmetic_is_timeout_ms(cloop, select_mode):
+    # run() turns loop()'s timeout into the wait's ms in C for None, floats
+    # and small ints, and asks _loop._timeout_ms() for the rest: the same
+    # numbers, or the same exception, for every kind of value
+    _need_cloop()
+    from fastasyncore import _cloop
+
+    class Seconds(float):
+        pass
+
+    for t in TIMEOUTS + [None, Seconds(0.25), 2 ** 62]:
+        try:
+            want = _loop._timeout_ms(t, select_mode)
+        except Exception as e:
+            with pytest.raises(type(e)):
+                _cloop.timeout_ms(t, select_mode)
+            continue
+        if want > 2 ** 63 - 1:
+            with pytest.raises(OverflowError):
+                _cloop.timeout_ms(t, select_mode)
+            continue
+        assert _cloop.timeout_ms(t, select_mode) == want, t
