@@ -59,7 +59,8 @@ static struct {
         *closed, *p_pending, *reg, *addr, *freed, *free_after_close,
         *acquire, *release, *force_mode, *wait, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *fa_out, *connected,
-        *nbytes, *producer_fifo, *woken, *calls, *ready, *due;
+        *nbytes, *producer_fifo, *woken, *calls, *ready, *due, *register_,
+        *unregister, *modify, *freeze, *socket, *fileno;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -103,12 +104,14 @@ call0(PyObject *obj, PyObject *name)
 enum {
     F_MAP, F_THREAD, F_POLLER, F_OWNER, F_MASK, F_CONSULTED, F_PENDING,
     F_BATCH, F_SUSPENDED, F_FULL, F_ITERS, F_NCHG, F_NEV, F_ADAPT_AT,
-    F_CSNAP, F_CVEC, F_CPREV, F_SPOLL, F_SVC, F_WAKEFD, NFIELDS
+    F_CSNAP, F_CVEC, F_CPREV, F_SPOLL, F_SVC, F_WAKEFD,
+    F_DEAD, F_RECLASS, F_DISP, F_FAULTS, NFIELDS
 };
 static const char *const g_fnames[NFIELDS] = {
     "map", "thread", "poller", "owner", "mask", "consulted", "pending",
     "batch", "suspended", "full", "iters", "nchg", "nev", "adapt_at",
-    "csnap", "cvec", "cprev", "spoll", "svc", "wakefd"
+    "csnap", "cvec", "cprev", "spoll", "svc", "wakefd",
+    "dead", "reclass", "disp", "faults"
 };
 
 typedef struct {
@@ -221,6 +224,21 @@ stbase_dealloc(PyObject *self)
 
 static PyMemberDef stbase_members[NFIELDS + 1];
 
+/* MapState's bookkeeping of one fd, in C (defined below, after c_mask). */
+static PyObject *stbase_set_mask(PyObject *st, PyObject *args);
+static PyObject *stbase_drop(PyObject *st, PyObject *fd);
+static PyObject *stbase_adopt(PyObject *st, PyObject *args);
+
+static PyMethodDef stbase_methods[] = {
+    {"_set_mask", stbase_set_mask, METH_VARARGS,
+     "_set_mask(fd, m): _loop._PyBookkeeping._set_mask, in C"},
+    {"_drop", stbase_drop, METH_O,
+     "_drop(fd): _loop._PyBookkeeping._drop, in C"},
+    {"_adopt", stbase_adopt, METH_VARARGS,
+     "_adopt(fd, obj): _loop._PyBookkeeping._adopt, in C"},
+    {NULL, NULL, 0, NULL}
+};
+
 static PyType_Slot stbase_slots[] = {
     {Py_tp_doc, "The fields of _loop.MapState the C loop reads (csrc/fa_cloop.c)."},
     {Py_tp_new, PyType_GenericNew},
@@ -228,6 +246,7 @@ static PyType_Slot stbase_slots[] = {
     {Py_tp_traverse, stbase_traverse},
     {Py_tp_clear, stbase_clear},
     {Py_tp_members, stbase_members},
+    {Py_tp_methods, stbase_methods},
     {0, NULL}
 };
 
@@ -856,6 +875,648 @@ fd_key(int fd)
 /* Bumped by consulted_changed(), which _loop.MapState calls wherever a
  * MapState.consulted changes (_adopt, _drop, a full reconcile, close). */
 static unsigned long g_cgen;
+
+/* ------------------------------------------------------------------------ */
+/* MapState's bookkeeping of one fd -- _set_mask(), _drop(), _adopt() of
+ * _loop._PyBookkeeping, the reference the pure backend runs -- in C, step
+ * for step: the same fields read again after every call that may run
+ * Python code, the same container operations in the same order, the same
+ * Python calls (poller.modify(), spoll.register(), obj.socket.fileno(),
+ * obj._fa_mask() where c_mask() does not know the class).  Paths no
+ * well-formed channel takes (a class _classify() has not cached, a mask
+ * that is not an int) call the Python reference instead.
+ *
+ * Why: a client that makes a connection per request pays _adopt() (with
+ * _classify()) and _drop() once per connection, ~180 bytecodes: by
+ * callgrind ~6,000 of the ~10,000 instructions per connection by which the
+ * C loop's W4_1 row exceeded 3.11's whole loop. */
+
+static struct {
+    PyObject *kind_cache, *classify, *check_key, *keys, *remember_key,
+        *inherited, *py_set_mask, *states, *wakers, *wake, *forget_map;
+} BK;           /* from _loop, by bookkeeping() at its import */
+
+static int first_key_ok(PyObject *fd);
+
+/* st.<field k>, a new reference, which must be a dict. */
+static PyObject *
+st_dict(PyObject *st, int k)
+{
+    PyObject *d = st_get(st, k);
+    if (d != NULL && !PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "'%s' of the map state must be a dict",
+                     g_fnames[k]);
+        Py_CLEAR(d);
+    }
+    return d;
+}
+
+/* d.pop(key, None) with the value dropped (after the removal: its
+ * deallocation may run Python code).  1: there was a value and it is not
+ * None (the `is not None` of the Python code), 0: not, -1: error. */
+static int
+dict_pop(PyObject *d, PyObject *key)
+{
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    int had;
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    Py_INCREF(v);
+    if (PyDict_DelItem(d, key) < 0) {
+        Py_DECREF(v);
+        return -1;
+    }
+    had = v != Py_None;
+    Py_DECREF(v);
+    return had;
+}
+
+/* `if st.<k>: st.<k>.pop(fd, None)` for a dict field (pop only: when the
+ * field is empty, as the Python code's truth test skips it).  As dict_pop. */
+static int
+field_pop(PyObject *st, int k, PyObject *fd, int only_if_any)
+{
+    PyObject *d = st_dict(st, k);
+    int r;
+    if (d == NULL)
+        return -1;
+    r = (only_if_any && PyDict_Size(d) == 0) ? 0 : dict_pop(d, fd);
+    Py_DECREF(d);
+    return r;
+}
+
+/* st.<k>[key] = v, or del st.<k>[key] where v is NULL.  0 or -1. */
+static int
+field_store(PyObject *st, int k, PyObject *key, PyObject *v)
+{
+    PyObject *d = st_dict(st, k);
+    int r;
+    if (d == NULL)
+        return -1;
+    r = v ? PyDict_SetItem(d, key, v) : PyDict_DelItem(d, key);
+    Py_DECREF(d);
+    return r;
+}
+
+/* key in st.<k>: 1, 0, -1. */
+static int
+field_has(PyObject *st, int k, PyObject *key)
+{
+    PyObject *d = st_dict(st, k);
+    int r;
+    if (d == NULL)
+        return -1;
+    r = PyDict_Contains(d, key);
+    Py_DECREF(d);
+    return r;
+}
+
+/* obj.<name>(a, b) with the result dropped.  0 or -1. */
+static int
+call2(PyObject *obj, PyObject *name, PyObject *a, PyObject *b)
+{
+    PyObject *r = PyObject_CallMethodObjArgs(obj, name, a, b, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* _loop._unregister(sp, fd): sp.unregister(fd), a KeyError ignored. */
+static int
+sp_unregister(PyObject *sp, PyObject *fd)
+{
+    PyObject *r = PyObject_CallMethodObjArgs(sp, S.unregister, fd, NULL);
+    if (r == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Consulted changed: the snapshots go (csnap; cvec too with `both`), and
+ * dispatch learns it (consulted_changed()). */
+static int
+consulted_dropped(PyObject *st, int both)
+{
+    g_cgen++;
+    if (st_set(st, F_CSNAP, Py_None) < 0)
+        return -1;
+    return both ? st_set(st, F_CVEC, Py_None) : 0;
+}
+
+/* MapState._set_mask(fd, mo).  0 or -1. */
+static int
+bk_set_mask(PyObject *st, PyObject *fd, PyObject *mo)
+{
+    PyObject *mask, *cv, *sp, *p;
+    long cur, m;
+    int r;
+
+    if (!PyLong_Check(mo) || ((m = PyLong_AsLong(mo)) == -1 && PyErr_Occurred()))
+        goto python;
+    if (!(mask = st_dict(st, F_MASK)))
+        return -1;
+    cv = PyDict_GetItemWithError(mask, fd);
+    if (cv == NULL && PyErr_Occurred()) {
+        Py_DECREF(mask);
+        return -1;
+    }
+    cur = 0;
+    if (cv != NULL && (!PyLong_Check(cv) ||
+                       ((cur = PyLong_AsLong(cv)) == -1 && PyErr_Occurred()))) {
+        Py_DECREF(mask);
+        goto python;
+    }
+    Py_DECREF(mask);
+    if (cur == m)
+        return 0;
+    if (cur && m) {
+        if (field_store(st, F_MASK, fd, mo) < 0 || !(sp = st_get(st, F_SPOLL)))
+            return -1;
+        p = Py_None;
+        if (sp != Py_None && !(p = st_peek(st, F_POLLER))) {
+            Py_DECREF(sp);
+            return -1;
+        }
+        if (sp != Py_None && p == Py_None) {
+            r = call2(sp, S.register_, fd, mo);
+            if (r == 0)
+                r = add_nchg(st, 1);
+        } else {
+            r = field_store(st, F_BATCH, fd, mo);
+        }
+        Py_DECREF(sp);
+        return r;
+    }
+    /* A first registration (the key is validated: a bad one raises here
+     * and is not recorded) or a removal (applied at once, before a close). */
+    if (add_nchg(st, 1) < 0 || field_pop(st, F_BATCH, fd, 0) < 0 ||
+        !(p = st_get(st, F_POLLER)))
+        return -1;
+    if (p != Py_None) {
+        r = call2(p, S.modify, fd, mo);
+        Py_DECREF(p);
+        if (r < 0)
+            return -1;
+    } else {
+        Py_DECREF(p);
+        if (m && !first_key_ok(fd)) {
+            PyObject *c = PyObject_CallFunctionObjArgs(BK.check_key, fd, NULL);
+            if (c == NULL)
+                return -1;
+            Py_DECREF(c);
+        }
+        if (!(sp = st_get(st, F_SPOLL)))
+            return -1;
+        r = sp == Py_None ? 0 : m ? call2(sp, S.register_, fd, mo) : sp_unregister(sp, fd);
+        Py_DECREF(sp);
+        if (r < 0)
+            return -1;
+    }
+    return field_store(st, F_MASK, fd, m ? mo : NULL);
+
+python:
+    PyErr_Clear();
+    p = PyObject_CallFunctionObjArgs(BK.py_set_mask, st, fd, mo, NULL);
+    Py_XDECREF(p);
+    return p ? 0 : -1;
+}
+
+/* MapState._drop(fd).  0 or -1. */
+static int
+bk_drop(PyObject *st, PyObject *fd)
+{
+    PyObject *o, *r;
+    int t;
+
+    if (!(o = st_peek(st, F_DISP)))
+        return -1;
+    if (o != Py_None) {
+        if (!(r = call0(st, S.freeze)))
+            return -1;
+        Py_DECREF(r);
+    }
+    if (field_pop(st, F_DEAD, fd, 1) < 0 || field_pop(st, F_OWNER, fd, 0) < 0 ||
+        !(o = st_get(st, F_RECLASS)))
+        return -1;
+    t = PyObject_IsTrue(o);
+    if (t > 0)
+        t = PySet_Discard(o, fd);
+    Py_DECREF(o);
+    if (t < 0 || field_pop(st, F_SUSPENDED, fd, 1) < 0 ||
+        (t = field_pop(st, F_CONSULTED, fd, 0)) < 0)
+        return -1;
+    /* (cvec too: it holds the channel until the next consult rebuilds
+     * both, so a closed channel is let go of at once) */
+    if (t && consulted_dropped(st, 1) < 0)
+        return -1;
+    if (field_pop(st, F_BATCH, fd, 1) < 0 || (t = field_has(st, F_MASK, fd)) < 0)
+        return -1;
+    if (!t)
+        return 0;
+    if (field_store(st, F_MASK, fd, NULL) < 0 || add_nchg(st, 1) < 0 ||
+        !(o = st_get(st, F_POLLER)))
+        return -1;
+    if (o != Py_None) {
+        PyObject *zero = PyLong_FromLong(0);
+        t = zero ? call2(o, S.modify, fd, zero) : -1;
+        Py_XDECREF(zero);
+    } else {
+        Py_DECREF(o);
+        if (!(o = st_get(st, F_SPOLL)))
+            return -1;
+        t = o == Py_None ? 0 : sp_unregister(o, fd);
+    }
+    Py_DECREF(o);
+    return t;
+}
+
+/* _adopt()'s "closed behind the dispatcher" test:
+ *     try: closed = obj.socket.fileno() == -1
+ *     except Exception: closed = False
+ * then `if closed:`.  1, 0, -1. */
+static int
+socket_closed(PyObject *obj)
+{
+    PyObject *s = PyObject_GetAttr(obj, S.socket), *no = NULL, *cmp = NULL;
+    PyObject *minus1;
+    int t;
+    if (s != NULL) {
+        no = call0(s, S.fileno);
+        Py_DECREF(s);
+    }
+    if (no != NULL) {
+        if ((minus1 = PyLong_FromLong(-1)) != NULL) {
+            cmp = PyObject_RichCompare(no, minus1, Py_EQ);
+            Py_DECREF(minus1);
+        }
+        Py_DECREF(no);
+    }
+    if (cmp == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    t = PyObject_IsTrue(cmp);
+    Py_DECREF(cmp);
+    return t;
+}
+
+/* _adopt()'s answer for a key it may not register (err: EBADF, EINVAL). */
+static int
+adopt_fault(PyObject *st, PyObject *fd, PyObject *obj, int err)
+{
+    PyObject *zero, *f, *item;
+    int t;
+    if (field_store(st, F_OWNER, fd, obj) < 0 ||
+        (t = field_pop(st, F_CONSULTED, fd, 0)) < 0 ||
+        (t && consulted_dropped(st, 0) < 0) ||
+        (t = field_has(st, F_MASK, fd)) < 0)
+        return -1;
+    if (t) {
+        if (!(zero = PyLong_FromLong(0)))
+            return -1;
+        t = bk_set_mask(st, fd, zero);
+        Py_DECREF(zero);
+        if (t < 0)
+            return -1;
+    }
+    if ((t = field_has(st, F_DEAD, fd)) != 0)
+        return t < 0 ? -1 : 0;
+    if (field_store(st, F_DEAD, fd, obj) < 0 || !(f = st_get(st, F_FAULTS)))
+        return -1;
+    item = Py_BuildValue("(OOi)", fd, obj, err);
+    t = item ? PyList_Append(f, item) : -1;
+    Py_XDECREF(item);
+    Py_DECREF(f);
+    return t;
+}
+
+/* getattr(obj, slot, INHERITED) is not INHERITED: 1, 0, -1. */
+static int
+own_pred(PyObject *obj, PyObject *slot)
+{
+    PyObject *v = PyObject_GetAttr(obj, slot);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(v);
+    return v != BK.inherited;
+}
+
+/* _loop._classify(obj) -> *managed, *call_r, *call_w (0/1).  The cached
+ * class kind and the instance's slots, as the Python function reads them;
+ * a class not cached yet, or a predicate without a slot, calls it. */
+static int
+classify(PyObject *obj, int *managed, int *call_r, int *call_w)
+{
+    PyObject *k = PyDict_GetItemWithError(BK.kind_cache, (PyObject *)Py_TYPE(obj));
+    PyObject *sr, *sw, *res;
+    int own_r = 0, own_w = 0, rc = -1;
+
+    if (k == NULL && PyErr_Occurred())
+        return -1;
+    if (k != NULL && PyTuple_Check(k) && PyTuple_Size(k) == 5) {
+        Py_INCREF(k);       /* (a getattr below may run code that clears the cache) */
+        sr = PyTuple_GetItem(k, 3);
+        sw = PyTuple_GetItem(k, 4);
+        if ((*managed = PyObject_IsTrue(PyTuple_GetItem(k, 0))) < 0 ||
+            (*call_r = PyObject_IsTrue(PyTuple_GetItem(k, 1))) < 0 ||
+            (*call_w = PyObject_IsTrue(PyTuple_GetItem(k, 2))) < 0)
+            goto done;
+        if ((!*call_r && !PyUnicode_Check(sr)) || (!*call_w && !PyUnicode_Check(sw))) {
+            Py_DECREF(k);
+            goto python;            /* (bound_is() decides: _own()) */
+        }
+        if ((!*call_r && (own_r = own_pred(obj, sr)) < 0) ||
+            (!*call_w && (own_w = own_pred(obj, sw)) < 0))
+            goto done;
+        if (own_r || own_w) {
+            *managed = 0;
+            *call_r = *call_r || own_r;
+            *call_w = *call_w || own_w;
+        }
+        rc = 0;
+    done:
+        Py_DECREF(k);
+        return rc;
+    }
+python:
+    res = PyObject_CallFunctionObjArgs(BK.classify, obj, NULL);
+    if (res == NULL)
+        return -1;
+    if (!PyTuple_Check(res) || PyTuple_Size(res) != 3) {
+        PyErr_SetString(PyExc_TypeError, "_classify() must return a 3-tuple");
+    } else if ((*managed = PyObject_IsTrue(PyTuple_GetItem(res, 0))) >= 0 &&
+               (*call_r = PyObject_IsTrue(PyTuple_GetItem(res, 1))) >= 0 &&
+               (*call_w = PyObject_IsTrue(PyTuple_GetItem(res, 2))) >= 0) {
+        rc = 0;
+    }
+    Py_DECREF(res);
+    return rc;
+}
+
+/* `_keys[fd] = fd`, or _remember_key(fd) where the list is too short. */
+static int
+keep_key(PyObject *fd)
+{
+    int overflow = 0;
+    long v;
+    PyObject *r;
+    if (!PyLong_CheckExact(fd))
+        return 0;
+    v = PyLong_AsLongAndOverflow(fd, &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (!overflow && v <= 256)
+        return 0;
+    if (!overflow && PyList_Check(BK.keys) && v < PyList_Size(BK.keys)) {
+        Py_INCREF(fd);
+        return PyList_SetItem(BK.keys, v, fd);   /* (the old one: an int) */
+    }
+    r = PyObject_CallFunctionObjArgs(BK.remember_key, fd, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* MapState._adopt(fd, obj).  0 or -1. */
+static int
+bk_adopt(PyObject *st, PyObject *fd, PyObject *obj)
+{
+    PyObject *d, *v, *mo, *item;
+    int closed = 0, err = 0, managed, call_r, call_w, t;
+    long m;
+
+    if (!(d = st_dict(st, F_DEAD)))
+        return -1;
+    if (PyDict_Size(d)) {
+        v = PyDict_GetItemWithError(d, fd);
+        if (v == NULL && PyErr_Occurred()) {
+            Py_DECREF(d);
+            return -1;
+        }
+        closed = v == obj;
+    }
+    Py_DECREF(d);
+    if (!closed && (closed = socket_closed(obj)) < 0)
+        return -1;
+    if (closed) {
+        /* Closed behind the dispatcher before the loop met it: its old
+         * number may belong to anything now, so it is never registered
+         * (see _PyBookkeeping._adopt). */
+        err = EBADF;
+    } else {
+        /* A stale key that is our wake-up fd's number now (EINVAL) */
+        if (!(v = st_get(st, F_WAKEFD)))
+            return -1;
+        d = PyObject_RichCompare(fd, v, Py_EQ);
+        Py_DECREF(v);
+        if (d == NULL)
+            return -1;
+        t = PyObject_IsTrue(d);
+        Py_DECREF(d);
+        if (t < 0)
+            return -1;
+        if (t)
+            err = EINVAL;
+    }
+    if (err)
+        return adopt_fault(st, fd, obj, err);
+    if (classify(obj, &managed, &call_r, &call_w) < 0 || keep_key(fd) < 0 ||
+        field_store(st, F_OWNER, fd, obj) < 0)
+        return -1;
+    if (!managed) {
+        item = PyTuple_Pack(4, fd, obj, call_r ? Py_True : Py_False,
+                            call_w ? Py_True : Py_False);
+        t = item ? field_store(st, F_CONSULTED, fd, item) : -1;
+        Py_XDECREF(item);
+        return t < 0 ? -1 : consulted_dropped(st, 0);
+    }
+    if ((t = field_pop(st, F_CONSULTED, fd, 0)) < 0 ||
+        (t && consulted_dropped(st, 0) < 0))
+        return -1;
+    /* m = self._managed_mask(fd, obj) */
+    if (!(d = st_dict(st, F_SUSPENDED)))
+        return -1;
+    t = PyDict_Size(d) ? PyDict_Contains(d, fd) : 0;
+    Py_DECREF(d);
+    if (t < 0)
+        return -1;
+    if (t)
+        mo = PyLong_FromLong(0);
+    else if ((m = g_cmasks ? c_mask(obj) : -2) == -2)
+        mo = call0(obj, S.fa_mask);
+    else
+        mo = m < 0 ? NULL : PyLong_FromLong(m);
+    if (mo == NULL)
+        return -1;
+    t = bk_set_mask(st, fd, mo);
+    if (t == 0)
+        t = PyObject_SetAttr(obj, S.fa_regmask, mo);
+    Py_DECREF(mo);
+    return t;
+}
+
+/* The methods need _loop's helpers (bookkeeping()). */
+static int
+bk_ready(void)
+{
+    if (BK.kind_cache != NULL)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "fastasyncore._cloop.bookkeeping() was not called");
+    return 0;
+}
+
+/* _states.get(id(map)) where its .map is map: a new reference, or NULL
+ * (with an error set, or none: no state of this map). */
+static PyObject *
+state_of(PyObject *map)
+{
+    PyObject *key = PyLong_FromVoidPtr(map), *st, *m;
+    int same;
+    if (key == NULL)
+        return NULL;
+    st = PyDict_GetItemWithError(BK.states, key);
+    Py_DECREF(key);
+    if (st == NULL)
+        return NULL;
+    Py_INCREF(st);
+    if (PyObject_TypeCheck(st, (PyTypeObject *)g_StateBase)) {
+        same = STF(st, F_MAP) == map;
+    } else {                        /* (never: every state is a MapState) */
+        if (!(m = PyObject_GetAttrString(st, "map"))) {
+            Py_DECREF(st);
+            return NULL;
+        }
+        same = m == map;
+        Py_DECREF(m);
+    }
+    if (!same)
+        Py_CLEAR(st);
+    return st;
+}
+
+/* `if _wakers: _wake(st)`.  0 or -1. */
+static int
+wake_if_serving(PyObject *st)
+{
+    PyObject *r;
+    int t = PyObject_IsTrue(BK.wakers);
+    if (t <= 0)
+        return t;
+    r = PyObject_CallFunctionObjArgs(BK.wake, st, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* _loop.note_added(map, fd) / note_removed(map, fd) (the Python functions
+ * are the reference): asyncore's add_channel() and del_channel() call them
+ * once per channel, a Python frame each where this is a C call. */
+static int
+note_args(PyObject *args, const char *name, PyObject **map, PyObject **fd)
+{
+    if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s(map, fd) takes 2 arguments", name);
+        return -1;
+    }
+    *map = PyTuple_GetItem(args, 0);
+    *fd = PyTuple_GetItem(args, 1);
+    return 0;
+}
+
+static PyObject *
+cloop_note_added(PyObject *self, PyObject *args)
+{
+    PyObject *map, *fd, *st, *pending;
+    int rc = -1;
+    (void)self;
+    if (!bk_ready() || note_args(args, "note_added", &map, &fd) < 0)
+        return NULL;
+    if (!(st = state_of(map)))
+        return PyErr_Occurred() ? NULL : none_ref();
+    if ((pending = st_get(st, F_PENDING)) != NULL) {
+        rc = PySet_Add(pending, fd);
+        Py_DECREF(pending);
+        if (rc == 0)
+            rc = wake_if_serving(st);
+    }
+    Py_DECREF(st);
+    return rc < 0 ? NULL : none_ref();
+}
+
+static PyObject *
+cloop_note_removed(PyObject *self, PyObject *args)
+{
+    PyObject *map, *fd, *st, *o, *r;
+    int rc = -1, t;
+    (void)self;
+    if (!bk_ready() || note_args(args, "note_removed", &map, &fd) < 0)
+        return NULL;
+    if (!(st = state_of(map)))
+        return PyErr_Occurred() ? NULL : none_ref();
+    /* st._drop(fd): MapState's is StateBase's (bk_drop) */
+    if (bk_drop(st, fd) < 0 || !(o = st_get(st, F_PENDING)))
+        goto out;
+    t = PySet_Discard(o, fd);
+    Py_DECREF(o);
+    if (t < 0 || (t = PyObject_IsTrue(map)) < 0)
+        goto out;
+    if (!t) {
+        if (!(o = st_peek(st, F_THREAD)))
+            goto out;
+        if (o == Py_None) {
+            if (!(r = PyObject_CallFunctionObjArgs(BK.forget_map, map, NULL)))
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    rc = wake_if_serving(st);
+out:
+    Py_DECREF(st);
+    return rc < 0 ? NULL : none_ref();
+}
+
+static PyObject *
+stbase_set_mask(PyObject *st, PyObject *args)
+{
+    if (!bk_ready())
+        return NULL;
+    if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
+        PyErr_SetString(PyExc_TypeError, "_set_mask(fd, m) takes 2 arguments");
+        return NULL;
+    }
+    if (bk_set_mask(st, PyTuple_GetItem(args, 0), PyTuple_GetItem(args, 1)) < 0)
+        return NULL;
+    return none_ref();
+}
+
+static PyObject *
+stbase_drop(PyObject *st, PyObject *fd)
+{
+    if (!bk_ready())
+        return NULL;
+    return bk_drop(st, fd) < 0 ? NULL : none_ref();
+}
+
+static PyObject *
+stbase_adopt(PyObject *st, PyObject *args)
+{
+    if (!bk_ready())
+        return NULL;
+    if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
+        PyErr_SetString(PyExc_TypeError, "_adopt(fd, obj) takes 2 arguments");
+        return NULL;
+    }
+    if (bk_adopt(st, PyTuple_GetItem(args, 0), PyTuple_GetItem(args, 1)) < 0)
+        return NULL;
+    return none_ref();
+}
 
 /* The channel that owns key, borrowed (NULL: none, or an error is set),
  * and in *cons whether it is consulted.  consulted[fd] is (fd, obj,
@@ -2367,7 +3028,59 @@ cloop_timeout_ms(PyObject *self, PyObject *args)
     return PyLong_FromLong(ms);
 }
 
+static PyObject *
+cloop_bookkeeping(PyObject *self, PyObject *ns)
+{
+    static const char *const names[] = {
+        "_kind_cache", "_classify", "_check_key", "_keys", "_remember_key",
+        "INHERITED", "_PyBookkeeping", "_states", "_wakers", "_wake", "forget_map"
+    };
+    PyObject **slots[] = {
+        &BK.kind_cache, &BK.classify, &BK.check_key, &BK.keys, &BK.remember_key,
+        &BK.inherited, &BK.py_set_mask, &BK.states, &BK.wakers, &BK.wake,
+        &BK.forget_map
+    };
+    PyObject *v[11];
+    int i, n = 11;
+    (void)self;
+    if (!PyDict_Check(ns)) {
+        PyErr_SetString(PyExc_TypeError, "bookkeeping() takes _loop's globals()");
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *o = PyDict_GetItemString(ns, names[i]);
+        if (o == NULL) {
+            PyErr_Format(PyExc_KeyError, "_loop has no %s", names[i]);
+            goto fail;
+        }
+        v[i] = i == 6 ? PyObject_GetAttrString(o, "_set_mask") : (Py_INCREF(o), o);
+        if (v[i] == NULL)
+            goto fail;
+    }
+    if (!PyDict_Check(v[0]) || !PyList_Check(v[3]) || !PyDict_Check(v[7]) ||
+        !PyDict_Check(v[8])) {
+        PyErr_SetString(PyExc_TypeError, "bookkeeping(): _kind_cache, _states and "
+                        "_wakers must be dicts, _keys a list");
+        goto fail;
+    }
+    for (i = 0; i < n; i++)
+        set_ref(slots[i], v[i]);
+    return none_ref();
+fail:
+    while (--i >= 0)
+        Py_DECREF(v[i]);
+    return NULL;
+}
+
 static PyMethodDef cloop_methods[] = {
+    {"bookkeeping", cloop_bookkeeping, METH_O,
+     "bookkeeping(_loop's globals()) -> None\n\nWhat StateBase's "
+     "_set_mask/_drop/_adopt and note_added/note_removed use of _loop "
+     "(which calls this at import)."},
+    {"note_added", cloop_note_added, METH_VARARGS,
+     "note_added(map, fd) -> None\n\n_loop.note_added, in C."},
+    {"note_removed", cloop_note_removed, METH_VARARGS,
+     "note_removed(map, fd) -> None\n\n_loop.note_removed, in C."},
     {"timeout_ms", cloop_timeout_ms, METH_VARARGS,
      "timeout_ms(timeout, select_mode) -> int\n\nThe wait in ms run() derives "
      "from loop()'s timeout (tests: the C arithmetic against _loop._timeout_ms)."},
@@ -2441,6 +3154,12 @@ PyInit__cloop(void)
     INTERN(connected, "connected");
     INTERN(nbytes, "nbytes");
     INTERN(producer_fifo, "producer_fifo");
+    INTERN(register_, "register");
+    INTERN(unregister, "unregister");
+    INTERN(modify, "modify");
+    INTERN(freeze, "_freeze");
+    INTERN(socket, "socket");
+    INTERN(fileno, "fileno");
     {
         PyObject *m = PyModule_Create(&cloop_module);
         if (m == NULL)

@@ -166,7 +166,7 @@ def test_pure_backend_loads_no_compiled_loop_and_switching_keeps_the_python_loop
         import sys
         import fastasyncore
         from fastasyncore import _backend, _loop
-        print(_loop.MapState.__bases__ == (object,),
+        print(_loop.MapState.__bases__ == (_loop._NoStateBase, _loop._PyBookkeeping),
               "fastasyncore._cloop" in sys.modules, "map" in _loop.MapState.__slots__)
         try:
             import fastasyncore._cffi

@@ -353,7 +353,8 @@ def _check_key(fd: Any) -> None:
 # __slots__ fields are), else in MapState's own __slots__.
 _C_FIELDS = ("map", "thread", "poller", "owner", "mask", "consulted", "pending",
              "batch", "suspended", "full", "iters", "nchg", "nev", "adapt_at",
-             "csnap", "cvec", "cprev", "spoll", "svc", "wakefd")
+             "csnap", "cvec", "cprev", "spoll", "svc", "wakefd",
+             "dead", "reclass", "disp", "faults")
 
 
 def cloop_module() -> Any:
@@ -369,22 +370,168 @@ def cloop_module() -> Any:
     return _cloop
 
 
+class _NoStateBase:
+    """MapState's base where the C loop cannot run (no _cloop.StateBase):
+    then MapState keeps _C_FIELDS in its own __slots__ and its bookkeeping
+    is _PyBookkeeping's."""
+
+    __slots__ = ()
+
+
 def _state_base() -> type:
-    """_cloop.StateBase, or object where the C loop cannot run."""
+    """_cloop.StateBase, or _NoStateBase where the C loop cannot run."""
     base = getattr(cloop_module(), "StateBase", None)
-    if base is None or not all(hasattr(base, f) for f in _C_FIELDS):
-        return object
+    if base is None or not all(hasattr(base, f) for f in _C_FIELDS + _BOOKKEEPING):
+        return _NoStateBase
     return base
 
 
+#: MapState's per-fd bookkeeping, which _cloop.StateBase has in C (the
+#: same steps; it comes first in MapState's MRO) and _PyBookkeeping has
+#: in Python (the reference, and the pure backend's).
+_BOOKKEEPING = ("_set_mask", "_drop", "_adopt")
 _StateBase: Any = _state_base()
 
 
-class MapState(_StateBase):  # type: ignore[misc]
+class _PyBookkeeping:
+    """MapState's bookkeeping of one fd, in Python: the reference (and the
+    pure backend's).  fa_cloop.c's StateBase has the same three methods in
+    C, step for step, and comes first in MapState's MRO where it is built:
+    a client making a connection per request runs _adopt() and _drop()
+    once per connection."""
+
+    __slots__ = ()
+    mask: Dict[Any, int]
+    batch: Dict[Any, int]
+    owner: Dict[Any, Any]
+    consulted: Dict[Any, Tuple[Any, Any, bool, bool]]
+    suspended: Dict[Any, float]
+    reclass: Set[Any]
+    dead: Dict[Any, Any]
+    faults: List[Tuple[Any, Any, int]]
+    disp: Optional[List[Any]]
+    spoll: Any
+    poller: Optional[Any]
+    nchg: int
+    wakefd: int
+    csnap: Optional[Tuple[Any, ...]]
+    cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]]
+
+    # (and MapState's _freeze() and _managed_mask())
+
+    def _set_mask(self, fd: Any, m: int) -> None:
+        cur = self.mask.get(fd, 0)
+        if cur != m:
+            if cur and m:
+                self.mask[fd] = m
+                sp = self.spoll
+                if sp is not None and self.poller is None:
+                    sp.register(fd, m)
+                    self.nchg += 1
+                else:
+                    self.batch[fd] = m
+                return
+            # A first registration (the key is validated: a bad one raises
+            # here and is not recorded, or every later iteration would fail
+            # too) or a removal (applied at once, before a close).
+            self.nchg += 1
+            self.batch.pop(fd, None)
+            if self.poller is not None:
+                self.poller.modify(fd, m)
+            else:
+                if m and not (type(fd) is int and 0 <= fd <= _INT_MAX):
+                    _check_key(fd)      # (raises)
+                sp = self.spoll
+                if sp is not None:
+                    if m:
+                        sp.register(fd, m)
+                    else:
+                        _unregister(sp, fd)
+            if m:
+                self.mask[fd] = m
+            else:
+                del self.mask[fd]
+
+    def _drop(self, fd: Any) -> None:
+        if self.disp is not None:
+            self._freeze()
+        if self.dead:
+            self.dead.pop(fd, None)
+        self.owner.pop(fd, None)
+        if self.reclass:            # (mostly empty: a test is cheaper)
+            self.reclass.discard(fd)
+        if self.suspended:
+            self.suspended.pop(fd, None)
+        if self.consulted.pop(fd, None) is not None:
+            # (cvec too: it holds the channel until the next consult
+            # rebuilds both, so a closed channel is let go of at once)
+            self.csnap = self.cvec = None
+            _consulted_changed()
+        if self.batch:
+            self.batch.pop(fd, None)
+        if fd in self.mask:
+            del self.mask[fd]
+            self.nchg += 1
+            if self.poller is not None:
+                self.poller.modify(fd, 0)
+            elif self.spoll is not None:
+                _unregister(self.spoll, fd)
+
+    def _adopt(self, fd: Any, obj: Any) -> None:
+        err = 0
+        if self.dead and self.dead.get(fd) is obj:
+            closed = True
+        else:
+            try:                # its socket closed without close()?
+                closed = obj.socket.fileno() == -1
+            except Exception:
+                closed = False
+        if closed:
+            # Closed behind the dispatcher before the loop met it: its old
+            # number may belong to anything now (our own poller, another
+            # socket), so it is never registered.  3.11 would get EBADF
+            # from select() (or POLLNVAL): routed as such, once.
+            err = errno.EBADF
+        elif fd == self.wakefd:
+            # A stale key that is our wake-up fd's number now: as epoll
+            # refuses its own fd (POLLFAULT), EINVAL.
+            err = errno.EINVAL
+        if err:
+            self.owner[fd] = obj
+            if self.consulted.pop(fd, None) is not None:
+                self.csnap = None
+                _consulted_changed()
+            if fd in self.mask:
+                self._set_mask(fd, 0)
+            if fd not in self.dead:
+                self.dead[fd] = obj
+                self.faults.append((fd, obj, err))
+            return
+        managed, call_r, call_w = _classify(obj)
+        if type(fd) is int and fd > 256:
+            try:
+                _keys[fd] = fd      # _remember_key(fd), inline but for growing
+            except IndexError:
+                _remember_key(fd)
+        self.owner[fd] = obj
+        if managed:
+            if self.consulted.pop(fd, None) is not None:
+                self.csnap = None
+                _consulted_changed()
+            m = self._managed_mask(fd, obj)
+            self._set_mask(fd, m)
+            obj._fa_regmask = m
+        else:
+            self.consulted[fd] = (fd, obj, call_r, call_w)
+            self.csnap = None
+            _consulted_changed()
+
+
+class MapState(_StateBase, _PyBookkeeping):  # type: ignore[misc]
     """The persistent poller and bookkeeping for one socket map."""
 
-    __slots__ = (("cvec_on", "reclass", "disp", "dead", "faults", "wake", "__weakref__")
-                 + (_C_FIELDS if _StateBase is object else ()))
+    __slots__ = (("cvec_on", "wake", "__weakref__")
+                 + (_C_FIELDS if _StateBase is _NoStateBase else ()))
 
     def __init__(self, map: Dict[Any, Any]) -> None:
         self.map = map
@@ -447,40 +594,6 @@ class MapState(_StateBase):  # type: ignore[misc]
     def _woken(self) -> None:
         # The wait reported the wake-up fd (which no channel owns).
         self.wake.drain()
-
-    # -- interest ----------------------------------------------------------
-    def _set_mask(self, fd: Any, m: int) -> None:
-        cur = self.mask.get(fd, 0)
-        if cur != m:
-            if cur and m:
-                self.mask[fd] = m
-                sp = self.spoll
-                if sp is not None and self.poller is None:
-                    sp.register(fd, m)
-                    self.nchg += 1
-                else:
-                    self.batch[fd] = m
-                return
-            # A first registration (the key is validated: a bad one raises
-            # here and is not recorded, or every later iteration would fail
-            # too) or a removal (applied at once, before a close).
-            self.nchg += 1
-            self.batch.pop(fd, None)
-            if self.poller is not None:
-                self.poller.modify(fd, m)
-            else:
-                if m and not (type(fd) is int and 0 <= fd <= _INT_MAX):
-                    _check_key(fd)      # (raises)
-                sp = self.spoll
-                if sp is not None:
-                    if m:
-                        sp.register(fd, m)
-                    else:
-                        _unregister(sp, fd)
-            if m:
-                self.mask[fd] = m
-            else:
-                del self.mask[fd]
 
     def _direct(self) -> Any:
         """The select.poll to hand interest changes to at once, or None (then
@@ -573,84 +686,10 @@ class MapState(_StateBase):  # type: ignore[misc]
         ctx[0] = {fd: owner[fd] for fd in fds if fd in owner}  # type: ignore[index]
         ctx[1] = {fd: mask.get(fd, 0) for fd in fds}.get  # type: ignore[index]
 
-    def _drop(self, fd: Any) -> None:
-        if self.disp is not None:
-            self._freeze()
-        if self.dead:
-            self.dead.pop(fd, None)
-        self.owner.pop(fd, None)
-        if self.reclass:            # (mostly empty: a test is cheaper)
-            self.reclass.discard(fd)
-        if self.suspended:
-            self.suspended.pop(fd, None)
-        if self.consulted.pop(fd, None) is not None:
-            # (cvec too: it holds the channel until the next consult
-            # rebuilds both, so a closed channel is let go of at once)
-            self.csnap = self.cvec = None
-            _consulted_changed()
-        if self.batch:
-            self.batch.pop(fd, None)
-        if fd in self.mask:
-            del self.mask[fd]
-            self.nchg += 1
-            if self.poller is not None:
-                self.poller.modify(fd, 0)
-            elif self.spoll is not None:
-                _unregister(self.spoll, fd)
-
     def _managed_mask(self, fd: Any, obj: Any) -> int:
         if self.suspended and fd in self.suspended:
             return 0
         return obj._fa_mask()
-
-    def _adopt(self, fd: Any, obj: Any) -> None:
-        err = 0
-        if self.dead and self.dead.get(fd) is obj:
-            closed = True
-        else:
-            try:                # its socket closed without close()?
-                closed = obj.socket.fileno() == -1
-            except Exception:
-                closed = False
-        if closed:
-            # Closed behind the dispatcher before the loop met it: its old
-            # number may belong to anything now (our own poller, another
-            # socket), so it is never registered.  3.11 would get EBADF
-            # from select() (or POLLNVAL): routed as such, once.
-            err = errno.EBADF
-        elif fd == self.wakefd:
-            # A stale key that is our wake-up fd's number now: as epoll
-            # refuses its own fd (POLLFAULT), EINVAL.
-            err = errno.EINVAL
-        if err:
-            self.owner[fd] = obj
-            if self.consulted.pop(fd, None) is not None:
-                self.csnap = None
-                _consulted_changed()
-            if fd in self.mask:
-                self._set_mask(fd, 0)
-            if fd not in self.dead:
-                self.dead[fd] = obj
-                self.faults.append((fd, obj, err))
-            return
-        managed, call_r, call_w = _classify(obj)
-        if type(fd) is int and fd > 256:
-            try:
-                _keys[fd] = fd      # _remember_key(fd), inline but for growing
-            except IndexError:
-                _remember_key(fd)
-        self.owner[fd] = obj
-        if managed:
-            if self.consulted.pop(fd, None) is not None:
-                self.csnap = None
-                _consulted_changed()
-            m = self._managed_mask(fd, obj)
-            self._set_mask(fd, m)
-            obj._fa_regmask = m
-        else:
-            self.consulted[fd] = (fd, obj, call_r, call_w)
-            self.csnap = None
-            _consulted_changed()
 
     def reconcile(self) -> None:
         """Bring owner/mask/consulted in line with the map for changed fds.
@@ -969,6 +1008,7 @@ class MapState(_StateBase):  # type: ignore[misc]
         self.consulted.clear()
         self.csnap = None
         _consulted_changed()
+
 
 
 def _no_c_loop() -> None:
@@ -1907,3 +1947,14 @@ def _dispatch(st: MapState, map: Dict[Any, Any], events: List[Tuple[int, int]],
                     obj.handle_error()
                 if fd not in consulted and obj._fa_mask() != obj._fa_regmask:
                     pending.add(fd)
+
+
+# Where MapState's base is _cloop.StateBase, its per-fd bookkeeping runs in
+# C (see _PyBookkeeping), and so do note_added() and note_removed(), which
+# asyncore's add_channel() and del_channel() call once per channel: the
+# Python functions above are the reference (and the pure backend's).
+_py_note_added, _py_note_removed = note_added, note_removed
+if _StateBase is not _NoStateBase:
+    cloop_module().bookkeeping(globals())
+    note_added = cloop_module().note_added  # noqa: F811
+    note_removed = cloop_module().note_removed  # noqa: F811
