@@ -6,8 +6,8 @@
 #
 # Tests: tests/test_backend.py (the core's interface) and the loop tests that
 # drive the C loop: test_loop_contract.py, test_reliability_faults.py,
-# test_instance_overrides.py, test_cloop.py, test_bad_fd.py, test_services.py, test_chanio.py
-# and test_chatio.py
+# test_instance_overrides.py, test_cloop.py, test_bad_fd.py, test_services.py, test_chanio.py,
+# test_chatio.py and test_bookkeeping.py
 # (when present). Both modules
 # are checked to be the instrumented copies, and the loop to be the C one.
 #
@@ -56,7 +56,7 @@ esac
 
 # The C loop's tests (test_cloop.py may not exist in older trees).
 LOOP_TESTS=()
-for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py test_bad_fd.py test_services.py test_chanio.py test_chatio.py; do
+for f in test_loop_contract.py test_reliability_faults.py test_instance_overrides.py test_cloop.py test_bad_fd.py test_services.py test_chanio.py test_chatio.py test_bookkeeping.py; do
     [ -f "$ROOT/tests/$f" ] && LOOP_TESTS+=("$ROOT/tests/$f")
 done
 echo "tests: test_backend.py ${LOOP_TESTS[*]##*/}"
