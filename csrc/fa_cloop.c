@@ -1419,14 +1419,16 @@ wake_if_serving(PyObject *st)
  * are the reference): asyncore's add_channel() and del_channel() call them
  * once per channel, a Python frame each where this is a C call. */
 static int
-note_args(PyObject *args, const char *name, PyObject **map, PyObject **fd)
+two_args(PyObject *args, const char *sig, PyObject **a, PyObject **b)
 {
+    if (!bk_ready())
+        return -1;
     if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
-        PyErr_Format(PyExc_TypeError, "%s(map, fd) takes 2 arguments", name);
+        PyErr_Format(PyExc_TypeError, "%s takes 2 arguments", sig);
         return -1;
     }
-    *map = PyTuple_GetItem(args, 0);
-    *fd = PyTuple_GetItem(args, 1);
+    *a = PyTuple_GetItem(args, 0);
+    *b = PyTuple_GetItem(args, 1);
     return 0;
 }
 
@@ -1436,7 +1438,7 @@ cloop_note_added(PyObject *self, PyObject *args)
     PyObject *map, *fd, *st, *pending;
     int rc = -1;
     (void)self;
-    if (!bk_ready() || note_args(args, "note_added", &map, &fd) < 0)
+    if (two_args(args, "note_added(map, fd)", &map, &fd) < 0)
         return NULL;
     if (!(st = state_of(map)))
         return PyErr_Occurred() ? NULL : none_ref();
@@ -1456,7 +1458,7 @@ cloop_note_removed(PyObject *self, PyObject *args)
     PyObject *map, *fd, *st, *o, *r;
     int rc = -1, t;
     (void)self;
-    if (!bk_ready() || note_args(args, "note_removed", &map, &fd) < 0)
+    if (two_args(args, "note_removed(map, fd)", &map, &fd) < 0)
         return NULL;
     if (!(st = state_of(map)))
         return PyErr_Occurred() ? NULL : none_ref();
@@ -1485,13 +1487,8 @@ out:
 static PyObject *
 stbase_set_mask(PyObject *st, PyObject *args)
 {
-    if (!bk_ready())
-        return NULL;
-    if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
-        PyErr_SetString(PyExc_TypeError, "_set_mask(fd, m) takes 2 arguments");
-        return NULL;
-    }
-    if (bk_set_mask(st, PyTuple_GetItem(args, 0), PyTuple_GetItem(args, 1)) < 0)
+    PyObject *fd, *m;
+    if (two_args(args, "_set_mask(fd, m)", &fd, &m) < 0 || bk_set_mask(st, fd, m) < 0)
         return NULL;
     return none_ref();
 }
@@ -1499,21 +1496,16 @@ stbase_set_mask(PyObject *st, PyObject *args)
 static PyObject *
 stbase_drop(PyObject *st, PyObject *fd)
 {
-    if (!bk_ready())
+    if (!bk_ready() || bk_drop(st, fd) < 0)
         return NULL;
-    return bk_drop(st, fd) < 0 ? NULL : none_ref();
+    return none_ref();
 }
 
 static PyObject *
 stbase_adopt(PyObject *st, PyObject *args)
 {
-    if (!bk_ready())
-        return NULL;
-    if (!PyTuple_Check(args) || PyTuple_Size(args) != 2) {
-        PyErr_SetString(PyExc_TypeError, "_adopt(fd, obj) takes 2 arguments");
-        return NULL;
-    }
-    if (bk_adopt(st, PyTuple_GetItem(args, 0), PyTuple_GetItem(args, 1)) < 0)
+    PyObject *fd, *obj;
+    if (two_args(args, "_adopt(fd, obj)", &fd, &obj) < 0 || bk_adopt(st, fd, obj) < 0)
         return NULL;
     return none_ref();
 }
