@@ -104,6 +104,8 @@ def _channel(kind, fd):
     return ch
 
 
+WAKEFD = 250
+
 # Each step: (operation, *arguments).  "WAKE" stands for the state's wake-up
 # fd.  A step's exception is recorded and the script goes on.
 SCRIPTS = {
@@ -150,6 +152,10 @@ def _run(script, impl):
     py = impl == "py"
     m = {}
     st = _loop._states[id(m)] = _loop.MapState(m)
+    # The wake-up fd's number, as _adopt() compares keys with it: fixed, so
+    # that no key of the scripts is the real one's (which depends on what
+    # else the process has open; under valgrind, 13).
+    st.wakefd = WAKEFD
     calls = []
     chans = {}
     log = []
