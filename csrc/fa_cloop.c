@@ -10,10 +10,12 @@
  * asyncore.loop()/poll()/poll2() for the cffi backend:
  *
  *   - the iteration's preparation (reconcile, consult, flush, adapt): the
- *     consult here, the rest in Python (_loop._prepare's steps; the flush
- *     here too, except in a full preparation, see prep_kind()), each only
- *     when it has work to do; a map whose channels are all managed and
- *     unchanged goes straight to the wait;
+ *     consult and the reconcile here (the reconcile is StateBase's, see
+ *     bk_reconcile(); its rare paths -- a full walk, routing faults -- call
+ *     back into Python), the rest in Python (_loop._prepare's steps; the
+ *     flush here too, except in a full preparation, see prep_kind()), each
+ *     only when it has work to do; a map whose channels are all managed
+ *     and unchanged goes straight to the wait;
  *   - the wait calls the cffi core's fa_poller_wait() through a function
  *     pointer (one copy of the poller code, one ABI truth: fastasyncore.h),
  *     on the very poller object _cffi.Poller owns, under the same lock
@@ -60,7 +62,8 @@ static struct {
         *acquire, *release, *force_mode, *wait, *snapshot, *reconcile,
         *set_mask, *accepting, *readable, *writable, *fa_out, *connected,
         *nbytes, *producer_fifo, *woken, *calls, *ready, *due, *register_,
-        *unregister, *modify, *freeze, *socket, *fileno;
+        *unregister, *modify, *freeze, *socket, *fileno, *reconcile_all,
+        *direct_lost, *route_faults;
 } S;
 
 /* Set by configure() from _loop.py (strong references, kept for good). */
@@ -120,6 +123,7 @@ typedef struct {
 } stbase;
 
 static PyObject *g_StateBase;   /* the type (a strong reference) */
+static PyObject *g_rec_descr;   /* StateBase.reconcile, the method descriptor */
 #define STF(st, k) (((stbase *)(st))->f[k])
 
 /* The AttributeError of a field never set (as getattr raises it). */
@@ -228,6 +232,7 @@ static PyMemberDef stbase_members[NFIELDS + 1];
 static PyObject *stbase_set_mask(PyObject *st, PyObject *args);
 static PyObject *stbase_drop(PyObject *st, PyObject *fd);
 static PyObject *stbase_adopt(PyObject *st, PyObject *args);
+static PyObject *stbase_reconcile(PyObject *st, PyObject *unused);
 
 static PyMethodDef stbase_methods[] = {
     {"_set_mask", stbase_set_mask, METH_VARARGS,
@@ -236,6 +241,8 @@ static PyMethodDef stbase_methods[] = {
      "_drop(fd): _loop._PyBookkeeping._drop, in C"},
     {"_adopt", stbase_adopt, METH_VARARGS,
      "_adopt(fd, obj): _loop._PyBookkeeping._adopt, in C"},
+    {"reconcile", stbase_reconcile, METH_NOARGS,
+     "reconcile(): _loop._PyBookkeeping.reconcile, in C"},
     {NULL, NULL, 0, NULL}
 };
 
@@ -414,6 +421,8 @@ typedef struct {
     int woke;
     int busy;                     /* the last stateless wait found events */
     int skip, backoff;            /* timeout-0 tries skipped after a miss */
+    int own_rec;                  /* st's reconcile() is StateBase's: 1 yes,
+                                   * 2 no, 0 not looked up yet */
 } loopst;
 
 static void
@@ -893,7 +902,8 @@ static unsigned long g_cgen;
 
 static struct {
     PyObject *kind_cache, *classify, *check_key, *keys, *remember_key,
-        *inherited, *py_set_mask, *states, *wakers, *wake, *forget_map;
+        *inherited, *py_set_mask, *states, *wakers, *wake, *forget_map,
+        *map_order, *py_reconcile;
 } BK;           /* from _loop, by bookkeeping() at its import */
 
 static int first_key_ok(PyObject *fd);
@@ -1506,6 +1516,295 @@ stbase_adopt(PyObject *st, PyObject *args)
 {
     PyObject *fd, *obj;
     if (two_args(args, "_adopt(fd, obj)", &fd, &obj) < 0 || bk_adopt(st, fd, obj) < 0)
+        return NULL;
+    return none_ref();
+}
+
+/* ------------------------------------------------------------------------ */
+/* MapState.reconcile() -- _loop._PyBookkeeping.reconcile, the reference --
+ * in C, step for step (the same reads of the fields, container operations
+ * and calls, in the same order).  A map or a container of an unexpected
+ * type runs the reference instead.
+ *
+ * Why: the C loop reconciles in every iteration after a managed channel's
+ * interest changed (a dispatcher_with_send or async_chat that queued or
+ * finished a reply: twice per request) and after a channel arrived or left
+ * (once per connection of a client): a Python frame of ~40-90 bytecodes
+ * each time, the last one on those paths. */
+
+/* obj.<name>(arg) (arg NULL: no argument) with the result dropped.  0 or -1. */
+static int
+call_drop(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *r = PyObject_CallMethodObjArgs(obj, name, arg, NULL);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* `if st.<k>: st.<k>.discard(fd)` for the set field reclass.  0 or -1. */
+static int
+reclass_discard(PyObject *st, PyObject *fd)
+{
+    PyObject *o = st_get(st, F_RECLASS);
+    int t;
+    if (o == NULL)
+        return -1;
+    t = PyObject_IsTrue(o);
+    if (t > 0)
+        t = PySet_Discard(o, fd);
+    Py_DECREF(o);
+    return t < 0 ? -1 : 0;
+}
+
+/* `self.<k> and fd in self.<k>` for a dict or set field.  1, 0, -1. */
+static int
+field_any_has(PyObject *st, int k, PyObject *fd)
+{
+    PyObject *o = st_get(st, k);
+    int t;
+    if (o == NULL)
+        return -1;
+    t = PyObject_IsTrue(o);
+    if (t > 0)
+        t = PySequence_Contains(o, fd);
+    Py_DECREF(o);
+    return t;
+}
+
+/* The managed channel's answer (reconcile()'s last branch):
+ *     new = 0 if (susp and fd in susp) else obj._fa_mask()
+ *     cur = mask.get(fd, 0)
+ *     if new != cur:
+ *         if cur and new: mask[fd] = new; batch[fd] = new or sp.register(...)
+ *         else: self._set_mask(fd, new)
+ *     obj._fa_regmask = new                                      0 or -1 */
+static int
+rec_managed(PyObject *st, PyObject *fd, PyObject *obj, PyObject *mask,
+            PyObject *susp, PyObject *sp)
+{
+    PyObject *newo, *curo;
+    long m;
+    int t;
+
+    t = PyDict_Size(susp) ? PyDict_Contains(susp, fd) : 0;
+    if (t < 0)
+        return -1;
+    if (t)
+        newo = PyLong_FromLong(0);
+    else if ((m = g_cmasks ? c_mask(obj) : -2) == -2)
+        newo = call0(obj, S.fa_mask);
+    else
+        newo = m < 0 ? NULL : PyLong_FromLong(m);
+    if (newo == NULL)
+        return -1;
+    curo = PyDict_GetItemWithError(mask, fd);
+    if (curo == NULL) {
+        if (PyErr_Occurred())
+            goto fail;
+        curo = PyLong_FromLong(0);
+        if (curo == NULL)
+            goto fail;
+    } else {
+        Py_INCREF(curo);
+    }
+    t = PyObject_RichCompareBool(newo, curo, Py_NE);
+    if (t > 0) {
+        int both = PyObject_IsTrue(curo);
+        if (both > 0)
+            both = PyObject_IsTrue(newo);
+        if (both < 0) {
+            t = -1;
+        } else if (both) {
+            t = PyDict_SetItem(mask, fd, newo);
+            if (t == 0)
+                t = sp == Py_None ? field_store(st, F_BATCH, fd, newo)
+                                  : call2(sp, S.register_, fd, newo);
+            if (t == 0 && sp != Py_None)
+                t = add_nchg(st, 1);
+        } else {
+            t = bk_set_mask(st, fd, newo);
+        }
+    }
+    Py_DECREF(curo);
+    if (t < 0)
+        goto fail;
+    t = PyObject_SetAttr(obj, S.fa_regmask, newo);
+    Py_DECREF(newo);
+    return t;
+fail:
+    Py_DECREF(newo);
+    return -1;
+}
+
+/* The pending loop's step for one fd (obj: map.get(fd), NULL for None).
+ * *added: the new fds' list, made here.  0 or -1. */
+static int
+rec_one(PyObject *st, PyObject *fd, PyObject *obj, PyObject *owner,
+        PyObject *consulted, PyObject *mask, PyObject *susp, PyObject *sp,
+        PyObject **added)
+{
+    PyObject *cur, *o;
+    int t;
+
+    if (obj == NULL)
+        return bk_drop(st, fd);
+    cur = PyDict_GetItemWithError(owner, fd);
+    if (cur == NULL && PyErr_Occurred())
+        return -1;
+    if (cur != obj) {
+        if (cur != NULL) {              /* fd in owner: another channel's */
+            if (bk_drop(st, fd) < 0)
+                return -1;
+            return bk_adopt(st, fd, obj);
+        }
+        /* A new fd (a client adds one per connection, a server one per
+         * accept): of what _drop() does, only this can apply to it. */
+        if (!(o = st_peek(st, F_DISP)))
+            return -1;
+        if (o != Py_None && call_drop(st, S.freeze, NULL) < 0)
+            return -1;
+        if (reclass_discard(st, fd) < 0 || field_pop(st, F_SUSPENDED, fd, 1) < 0)
+            return -1;
+        if (*added == NULL && !(*added = PyList_New(0)))
+            return -1;
+        return PyList_Append(*added, fd);
+    }
+    if ((t = field_any_has(st, F_DEAD, fd)) != 0)
+        return t < 0 ? -1 : 0;          /* never registered (see _adopt) */
+    if ((t = field_any_has(st, F_RECLASS, fd)) != 0) {
+        if (t < 0 || reclass_discard(st, fd) < 0)
+            return -1;
+        return bk_adopt(st, fd, obj);
+    }
+    if ((t = PyDict_Contains(consulted, fd)) != 0)
+        return t < 0 ? -1 : st_set(st, F_CPREV, Py_None);  /* re-read accepting */
+    return rec_managed(st, fd, obj, mask, susp, sp);
+}
+
+static int
+bk_reconcile(PyObject *st)
+{
+    PyObject *m, *pending, *owner, *consulted, *mask, *susp, *sp = NULL;
+    PyObject *added = NULL, *fd = NULL, *obj, *o, *it = NULL;
+    int t, rc = -1;
+
+    if (!bk_ready())
+        return -1;
+    m = STF(st, F_MAP);
+    pending = STF(st, F_PENDING);
+    owner = STF(st, F_OWNER);
+    consulted = STF(st, F_CONSULTED);
+    mask = STF(st, F_MASK);
+    susp = STF(st, F_SUSPENDED);
+    if (!m || !PyDict_CheckExact(m) || !pending || !PySet_CheckExact(pending) ||
+        !owner || !PyDict_Check(owner) || !consulted || !PyDict_Check(consulted) ||
+        !mask || !PyDict_Check(mask) || !susp || !PyDict_Check(susp)) {
+        /* (a map that is not a dict: its get() and order are its own) */
+        o = PyObject_CallFunctionObjArgs(BK.py_reconcile, st, NULL);
+        Py_XDECREF(o);
+        return o ? 0 : -1;
+    }
+    if (!(o = st_get(st, F_FULL)))
+        return -1;
+    t = PyObject_IsTrue(o);
+    Py_DECREF(o);
+    if (t)
+        return t < 0 ? -1 : call_drop(st, S.reconcile_all, NULL);
+    Py_INCREF(m);
+    Py_INCREF(pending);
+    Py_INCREF(owner);
+    Py_INCREF(consulted);
+    Py_INCREF(mask);
+    Py_INCREF(susp);
+    /* sp = self._direct() */
+    if (!(o = st_peek(st, F_POLLER)))
+        goto out;
+    if (o != Py_None) {
+        Py_INCREF(Py_None);
+        sp = Py_None;
+    } else if (!(sp = st_get(st, F_SPOLL))) {
+        goto out;
+    }
+    while (PySet_Size(pending) > 0) {
+        if (!(fd = PySet_Pop(pending)))
+            goto out;
+        obj = PyDict_GetItemWithError(m, fd);
+        if (obj == NULL && PyErr_Occurred())
+            goto out;
+        if (obj == Py_None)
+            obj = NULL;
+        Py_XINCREF(obj);
+        t = rec_one(st, fd, obj, owner, consulted, mask, susp, sp, &added);
+        Py_XDECREF(obj);
+        Py_CLEAR(fd);
+        if (t < 0)
+            goto out;
+    }
+    if (added != NULL) {
+        /* adopted in map order, as the full walk does (_map_order) */
+        if (PyList_Size(added) > 1) {
+            o = PyObject_CallFunctionObjArgs(BK.map_order, m, added, NULL);
+            if (o == NULL)
+                goto out;
+            Py_DECREF(added);
+            added = o;
+        }
+        if (!(it = PyObject_GetIter(added)))
+            goto out;
+        while ((fd = PyIter_Next(it)) != NULL) {
+            obj = PyDict_GetItemWithError(m, fd);
+            if (obj == NULL && PyErr_Occurred())
+                goto out;
+            if (obj != NULL && obj != Py_None) {
+                if ((t = PyDict_Contains(owner, fd)) < 0)
+                    goto out;
+                if (!t) {
+                    Py_INCREF(obj);
+                    t = bk_adopt(st, fd, obj);
+                    Py_DECREF(obj);
+                    if (t < 0)
+                        goto out;
+                }
+            }
+            Py_CLEAR(fd);
+        }
+        if (PyErr_Occurred())
+            goto out;
+    }
+    if (sp != Py_None) {
+        if (!(o = st_peek(st, F_SPOLL)))
+            goto out;
+        if (o != sp && call_drop(st, S.direct_lost, sp) < 0)
+            goto out;
+    }
+    if (!(o = st_get(st, F_FAULTS)))
+        goto out;
+    t = PyObject_IsTrue(o);
+    Py_DECREF(o);
+    if (t != 0 && (t < 0 || call_drop(st, S.route_faults, NULL) < 0))
+        goto out;
+    if (PyDict_Size(m) != PyDict_Size(owner) && call_drop(st, S.reconcile_all, NULL) < 0)
+        goto out;
+    rc = 0;
+out:
+    Py_XDECREF(fd);
+    Py_XDECREF(it);
+    Py_XDECREF(added);
+    Py_XDECREF(sp);
+    Py_DECREF(m);
+    Py_DECREF(pending);
+    Py_DECREF(owner);
+    Py_DECREF(consulted);
+    Py_DECREF(mask);
+    Py_DECREF(susp);
+    return rc;
+}
+
+static PyObject *
+stbase_reconcile(PyObject *st, PyObject *unused)
+{
+    (void)unused;
+    if (bk_reconcile(st) < 0)
         return NULL;
     return none_ref();
 }
@@ -2177,6 +2476,16 @@ reconcile_if_needed(loopst *c, PyObject *map)
     PyObject *r;
     if (!PySet_Size(c->pending) && PyDict_Size(c->owner) == PyDict_Size(map))
         return 0;
+    if (!c->own_rec) {
+        /* once per loop() call: MapState's reconcile() is StateBase's
+         * (bk_reconcile), unless someone replaced it on the class */
+        if (!(r = PyObject_GetAttr((PyObject *)Py_TYPE(c->st), S.reconcile)))
+            return -1;
+        c->own_rec = r == g_rec_descr ? 1 : 2;
+        Py_DECREF(r);
+    }
+    if (c->own_rec == 1)
+        return bk_reconcile(c->st);
     r = call0(c->st, S.reconcile);
     if (r == NULL)
         return -1;
@@ -3025,15 +3334,21 @@ cloop_bookkeeping(PyObject *self, PyObject *ns)
 {
     static const char *const names[] = {
         "_kind_cache", "_classify", "_check_key", "_keys", "_remember_key",
-        "INHERITED", "_PyBookkeeping", "_states", "_wakers", "_wake", "forget_map"
+        "INHERITED", "_PyBookkeeping", "_states", "_wakers", "_wake", "forget_map",
+        "_map_order", "_PyBookkeeping"
+    };
+    /* of these, the attribute used (the reference methods) */
+    static const char *const attrs[] = {
+        NULL, NULL, NULL, NULL, NULL, NULL, "_set_mask", NULL, NULL, NULL, NULL,
+        NULL, "reconcile"
     };
     PyObject **slots[] = {
         &BK.kind_cache, &BK.classify, &BK.check_key, &BK.keys, &BK.remember_key,
         &BK.inherited, &BK.py_set_mask, &BK.states, &BK.wakers, &BK.wake,
-        &BK.forget_map
+        &BK.forget_map, &BK.map_order, &BK.py_reconcile
     };
-    PyObject *v[11];
-    int i, n = 11;
+    PyObject *v[13];
+    int i, n = 13;
     (void)self;
     if (!PyDict_Check(ns)) {
         PyErr_SetString(PyExc_TypeError, "bookkeeping() takes _loop's globals()");
@@ -3045,7 +3360,7 @@ cloop_bookkeeping(PyObject *self, PyObject *ns)
             PyErr_Format(PyExc_KeyError, "_loop has no %s", names[i]);
             goto fail;
         }
-        v[i] = i == 6 ? PyObject_GetAttrString(o, "_set_mask") : (Py_INCREF(o), o);
+        v[i] = attrs[i] ? PyObject_GetAttrString(o, attrs[i]) : (Py_INCREF(o), o);
         if (v[i] == NULL)
             goto fail;
     }
@@ -3152,11 +3467,18 @@ PyInit__cloop(void)
     INTERN(freeze, "_freeze");
     INTERN(socket, "socket");
     INTERN(fileno, "fileno");
+    INTERN(reconcile_all, "_reconcile_all");
+    INTERN(direct_lost, "_direct_lost");
+    INTERN(route_faults, "_route_faults");
     {
         PyObject *m = PyModule_Create(&cloop_module);
         if (m == NULL)
             return NULL;
         if (!(g_StateBase = stbase_type_new())) {
+            Py_DECREF(m);
+            return NULL;
+        }
+        if (!(g_rec_descr = PyObject_GetAttrString(g_StateBase, "reconcile"))) {
             Py_DECREF(m);
             return NULL;
         }

@@ -1,7 +1,8 @@
 """MapState's per-fd bookkeeping in C against its Python reference.
 
-_loop._PyBookkeeping has _set_mask(), _drop() and _adopt() in Python (the
-pure backend's); _cloop.StateBase has them in C, step for step, and so has
+_loop._PyBookkeeping has _set_mask(), _drop(), _adopt() and reconcile() in
+Python (the pure backend's); _cloop.StateBase has them in C, step for step,
+and so has
 _cloop note_added()/note_removed() for _loop's Python functions.  Each
 script below runs once through each implementation, on a fresh MapState
 with recording stand-ins for the stateless wait's select.poll ("spoll") and
@@ -65,6 +66,9 @@ class FakeSock:
             raise self.no
         return self.no
 
+    def close(self):
+        pass
+
 
 class Docs(asyncore.dispatcher):          # consulted: writable() overridden
     def writable(self):
@@ -79,10 +83,26 @@ class Both(asyncore.dispatcher):          # consulted: both predicates
         return True
 
 
+class BadMask(asyncore.dispatcher):       # managed; its interest raises once broken
+    broken = False
+
+    @property
+    def accepting(self):
+        if self.broken:
+            raise ZeroDivisionError("accepting")
+        return False
+
+    @accepting.setter
+    def accepting(self, value):
+        pass
+
+
 def _channel(kind, fd):
     """A channel no map holds, whose socket is a stand-in."""
     if kind == "docs":
         ch = Docs()
+    elif kind == "badmask":
+        ch = BadMask()
     elif kind == "both":
         ch = Both()
     elif kind == "dws":
@@ -101,6 +121,7 @@ def _channel(kind, fd):
         ch.writable = lambda: False         # an instance's own predicate
     elif kind == "accepting":
         ch.accepting = True
+
     return ch
 
 
@@ -144,6 +165,39 @@ SCRIPTS = {
         ("map", 300, "stock"), ("note_added", 300), ("map", 301, "docs"),
         ("note_added", 301), ("reconcile",), ("unmap", 300), ("note_removed", 300),
         ("note_added", 999), ("unmap", 301), ("note_removed", 301), ("gone",)],
+    "reconcile: managed answers, stateless then with a select.poll": [
+        ("map", 300, "stock"), ("map", 301, "dws"), ("map", 302, "docs"),
+        ("pending", 300), ("pending", 301), ("pending", 302), ("reconcile",),
+        ("set", 300, "accepting", True), ("pending", 300), ("reconcile",),
+        ("spoll",), ("set", 300, "accepting", False), ("pending", 300), ("reconcile",),
+        ("pending", 300), ("reconcile",), ("cprev",), ("pending", 302), ("reconcile",),
+        ("pending", 999), ("reconcile",)],
+    "reconcile: replaced, dead, reclassified, suspended": [
+        ("map", 300, "stock"), ("map", 301, "stock"), ("pending", 300), ("pending", 301),
+        ("reconcile",), ("map", 300, "dws"), ("pending", 300), ("reconcile",),
+        ("dead", 300), ("pending", 300), ("reconcile",), ("reclass", 301),
+        ("pending", 301), ("reconcile",), ("suspend", 301), ("pending", 301),
+        ("reconcile",), ("suspend", 302), ("reclass", 302), ("map", 302, "stock"),
+        ("pending", 302), ("reconcile",), ("unmap", 300), ("pending", 300), ("reconcile",)],
+    "reconcile: new fds in map order, a frozen pass, faults": [
+        ("spoll",), ("map", 305, "stock"), ("map", 303, "docs"), ("map", 304, "dws"),
+        ("map", 306, "closed"), ("map", "WAKE", "stock"), ("disp",),
+        ("pending", 303), ("pending", 304), ("pending", 305), ("pending", 306),
+        ("pending", "WAKE"), ("reconcile",), ("pending", 306), ("reconcile",)],
+    "reconcile: the full walk, an unreported change": [
+        ("map", 300, "stock"), ("map", 301, "docs"), ("full",), ("reconcile",),
+        ("map", 302, "dws"), ("pending", 300), ("reconcile",), ("unmap", 301),
+        ("reconcile",), ("poller",), ("map", 303, "stock"), ("pending", 303),
+        ("reconcile",)],
+    "reconcile: one channel added to a running map": (
+        [("map", fd, "docs" if fd % 2 else "stock") for fd in range(300, 310)]
+        + [("pending", fd) for fd in range(300, 310)] + [("reconcile",), ("csnap",),
+           ("map", 310, "docs"), ("pending", 310), ("reconcile",)]),
+    "reconcile: errors": [
+        ("map", 300, "stock"), ("map", -7, "stock"), ("pending", -7), ("pending", 300),
+        ("reconcile",), ("map", 301, "badmask"), ("pending", 301), ("reconcile",),
+        ("set", 301, "broken", True), ("pending", 301), ("pending", 300), ("reconcile",),
+        ("set", 301, "broken", False), ("reconcile",)],
 }
 
 
@@ -156,6 +210,7 @@ def _run(script, impl):
     # that no key of the scripts is the real one's (which depends on what
     # else the process has open; under valgrind, 13).
     st.wakefd = WAKEFD
+    st.full = False         # (what the first iteration's full walk leaves)
     calls = []
     chans = {}
     log = []
@@ -199,9 +254,23 @@ def _run(script, impl):
                 elif op == "batch":
                     st.batch[args[0]] = args[1]
                 elif op == "map":
-                    ch = chans[args[0]] = _channel(args[1], args[0])
+                    fd = key(args[0])
+                    ch = chans[fd] = _channel(args[1], fd)
                     names[id(ch)] = "%s@%r" % (args[1], args[0])
-                    m[args[0]] = ch
+                    # (a fault's routing, recorded: 3.11's handle_close()
+                    # would close the stand-in socket and log)
+                    ch.handle_close = lambda n=names[id(ch)]: log.append(("handle_close", n))
+                    m[fd] = ch
+                elif op == "pending":
+                    st.pending.add(key(args[0]))
+                elif op == "set":
+                    setattr(chans[args[0]], args[1], args[2])
+                elif op == "cprev":
+                    st.cprev = (False, [1])
+                elif op == "disp":
+                    st.disp = [st.owner, st.mask.get, [(fd, 1) for fd in st.owner]]
+                elif op == "full":
+                    st.full = True
                 elif op == "unmap":
                     del m[args[0]]
                 elif op == "note_added":
@@ -209,8 +278,7 @@ def _run(script, impl):
                 elif op == "note_removed":
                     removed(m, args[0])
                 elif op == "reconcile":
-                    st.full = False
-                    st.reconcile()
+                    cls.reconcile(st)
                 elif op == "gone":
                     log.append(("state kept", _loop._states.get(id(m)) is st))
                 else:
@@ -228,6 +296,7 @@ def _run(script, impl):
             sorted(st.suspended), sorted(st.reclass, key=repr), sorted(st.pending, key=repr),
             st.nchg, st.csnap, st.cvec,
             {name(c): c.__dict__.get("_fa_regmask") for c in chans.values()},
+            (st.cprev, st.full, st.disp is None, sorted(m, key=repr)),
         )
     finally:
         if _loop._states.get(id(m)) is st:
@@ -253,12 +322,12 @@ def test_the_scripts_reach_what_they_are_about():
     _c_state_base()
     ref = {k: _run(v, "py") for k, v in SCRIPTS.items()}
     (log, calls, owner, mask, batch, consulted, dead, faults, susp, reclass, pending,
-     nchg, csnap, cvec, regmask) = ref["closed behind the dispatcher"]
+     nchg, csnap, cvec, regmask, extra) = ref["closed behind the dispatcher"]
     assert faults == [(300, "closed@300", errno.EBADF)] * 2 and dead == {300: "closed@300"}
     assert mask == {301: 7, 302: 7}          # a fileno() that raises is no fault
     assert regmask["closed@300"] == -1       # never registered
     assert [f[2] for f in ref["the wake-up fd as a key"][7]] == [errno.EINVAL]
-    log, calls, owner, mask, batch, consulted, *_, csnap, cvec, regmask = ref["consulted channels"]
+    log, calls, owner, mask, batch, consulted, *_, csnap, cvec, regmask, extra = ref["consulted channels"]
     assert consulted == {302: ("docs@302", True, False, True)}
     assert owner == {300: "stock@300", 302: "docs@302"} and mask == {300: 7}
     assert csnap is None and cvec == ("stale",)      # _drop() resets both, _adopt() csnap
@@ -275,3 +344,23 @@ def test_the_scripts_reach_what_they_are_about():
     res = ref["note_added, note_removed"]
     assert res[0][-2] == ("state kept", False)          # forget_map() on the empty map
     assert res[10] == [999]                             # pending: the fd no one holds
+
+
+def test_the_reconcile_scripts_reach_what_they_are_about():
+    _c_state_base()
+    ref = {k: _run(v, "py") for k, v in SCRIPTS.items() if k.startswith("reconcile")}
+    log, calls, owner, mask, batch, consulted, *_, extra = \
+        ref["reconcile: managed answers, stateless then with a select.poll"]
+    assert batch == {300: 3}                            # a change while stateless
+    assert calls == [("spoll", "register", 300, 7)]     # ... and with a select.poll
+    assert extra[0] is None and list(consulted) == [302]    # cprev reset for a consulted fd
+    log, calls, owner, mask, batch, consulted, dead, faults, susp, *_, regmask, extra = \
+        ref["reconcile: replaced, dead, reclassified, suspended"]
+    assert regmask["dws@300"] == 3 and regmask["stock@301"] == 0 and susp == [301]
+    log, calls, owner, *_, extra = ref["reconcile: new fds in map order, a frozen pass, faults"]
+    assert calls == [("spoll", "register", 305, 7), ("spoll", "register", 304, 3)]
+    assert ("handle_close", "closed@306") in log and extra[2]      # routed; pass frozen
+    owner = ref["reconcile: the full walk, an unreported change"][2]
+    assert sorted(owner) == [300, 302, 303]
+    log = ref["reconcile: errors"][0]
+    assert [e[1] for e in log if len(e) == 3] == ["ValueError", "ZeroDivisionError"]

@@ -394,11 +394,12 @@ _StateBase: Any = _state_base()
 
 
 class _PyBookkeeping:
-    """MapState's bookkeeping of one fd, in Python: the reference (and the
-    pure backend's).  fa_cloop.c's StateBase has the same three methods in
-    C, step for step, and comes first in MapState's MRO where it is built:
-    a client making a connection per request runs _adopt() and _drop()
-    once per connection."""
+    """MapState's bookkeeping of one fd, and reconcile(), in Python: the
+    reference (and the pure backend's).  fa_cloop.c's StateBase has the same
+    four methods in C, step for step, and comes first in MapState's MRO
+    where it is built: a client making a connection per request runs
+    _adopt() and _drop() once per connection, and the loop runs reconcile()
+    in every iteration after a managed channel's interest changed."""
 
     __slots__ = ()
     mask: Dict[Any, int]
@@ -416,8 +417,13 @@ class _PyBookkeeping:
     wakefd: int
     csnap: Optional[Tuple[Any, ...]]
     cvec: Optional[Tuple[str, Tuple[Any, ...], Tuple[Any, ...]]]
+    cprev: Optional[Tuple[bool, List[bool]]]
+    map: Dict[Any, Any]
+    pending: Set[Any]
+    full: bool
 
-    # (and MapState's _freeze() and _managed_mask())
+    # (and MapState's _freeze(), _managed_mask(), _direct(), _direct_lost(),
+    # _route_faults() and _reconcile_all(), which these call: Python in both)
 
     def _set_mask(self, fd: Any, m: int) -> None:
         cur = self.mask.get(fd, 0)
@@ -525,6 +531,89 @@ class _PyBookkeeping:
             self.consulted[fd] = (fd, obj, call_r, call_w)
             self.csnap = None
             _consulted_changed()
+
+    def reconcile(self) -> None:
+        """Bring owner/mask/consulted in line with the map for changed fds.
+
+        The fds the map reported (add_channel/del_channel, touch(), ...) are
+        in ``pending``; only when the map still differs from ``owner`` after
+        them (a key set or deleted on the map itself) or after fork/forget
+        (``full``) does it walk the whole map.  (It walked it whenever the
+        sizes differed, i.e. for every channel added: one accept() on a
+        server of 8,000 channels cost 7 ms.)"""
+        if self.full:
+            self._reconcile_all()
+            return
+        m = self.map
+        pending = self.pending
+        owner = self.owner
+        consulted = self.consulted
+        mask = self.mask
+        susp = self.suspended
+        sp = self._direct()
+        added: Optional[List[Any]] = None
+        while pending:
+            fd = pending.pop()
+            obj = m.get(fd)
+            if obj is None:
+                self._drop(fd)
+            elif owner.get(fd) is not obj:
+                if fd in owner:
+                    self._drop(fd)
+                    self._adopt(fd, obj)
+                    continue
+                # A new fd (a client adds one per connection, a server one
+                # per accept): of what _drop() does, only this can apply to
+                # an fd no channel holds here (owner has every fd that dead,
+                # consulted, mask and batch have).
+                if self.disp is not None:
+                    self._freeze()
+                if self.reclass:
+                    self.reclass.discard(fd)
+                if self.suspended:
+                    self.suspended.pop(fd, None)
+                if added is None:
+                    added = [fd]
+                else:
+                    added.append(fd)
+            elif self.dead and fd in self.dead:
+                continue            # never registered (see _adopt)
+            elif self.reclass and fd in self.reclass:
+                self.reclass.discard(fd)
+                self._adopt(fd, obj)
+            elif fd in consulted:
+                self.cprev = None    # e.g. listen(): re-read accepting
+            else:
+                # The managed channel's answer, inline (hot: once per event).
+                new = 0 if (susp and fd in susp) else obj._fa_mask()
+                cur = mask.get(fd, 0)
+                if new != cur:
+                    if cur and new:
+                        mask[fd] = new
+                        if sp is None:
+                            self.batch[fd] = new
+                        else:
+                            sp.register(fd, new)
+                            self.nchg += 1
+                    else:
+                        self._set_mask(fd, new)
+                obj._fa_regmask = new
+        if added is not None:
+            # Adopted in map order, as the full walk does: a consulted
+            # channel is asked in that order, as 3.11 asks them.  Keys set
+            # since the last iteration are the map's last ones.
+            if len(added) > 1:
+                added = _map_order(m, added)
+            for fd in added:
+                obj = m.get(fd)
+                if obj is not None and fd not in owner:
+                    self._adopt(fd, obj)
+        if sp is not None and self.spoll is not sp:
+            self._direct_lost(sp)
+        if self.faults:
+            self._route_faults()
+        if len(m) != len(owner):
+            self._reconcile_all()    # a change the map did not report
 
 
 class MapState(_StateBase, _PyBookkeeping):  # type: ignore[misc]
@@ -690,89 +779,6 @@ class MapState(_StateBase, _PyBookkeeping):  # type: ignore[misc]
         if self.suspended and fd in self.suspended:
             return 0
         return obj._fa_mask()
-
-    def reconcile(self) -> None:
-        """Bring owner/mask/consulted in line with the map for changed fds.
-
-        The fds the map reported (add_channel/del_channel, touch(), ...) are
-        in ``pending``; only when the map still differs from ``owner`` after
-        them (a key set or deleted on the map itself) or after fork/forget
-        (``full``) does it walk the whole map.  (It walked it whenever the
-        sizes differed, i.e. for every channel added: one accept() on a
-        server of 8,000 channels cost 7 ms.)"""
-        if self.full:
-            self._reconcile_all()
-            return
-        m = self.map
-        pending = self.pending
-        owner = self.owner
-        consulted = self.consulted
-        mask = self.mask
-        susp = self.suspended
-        sp = self._direct()
-        added: Optional[List[Any]] = None
-        while pending:
-            fd = pending.pop()
-            obj = m.get(fd)
-            if obj is None:
-                self._drop(fd)
-            elif owner.get(fd) is not obj:
-                if fd in owner:
-                    self._drop(fd)
-                    self._adopt(fd, obj)
-                    continue
-                # A new fd (a client adds one per connection, a server one
-                # per accept): of what _drop() does, only this can apply to
-                # an fd no channel holds here (owner has every fd that dead,
-                # consulted, mask and batch have).
-                if self.disp is not None:
-                    self._freeze()
-                if self.reclass:
-                    self.reclass.discard(fd)
-                if self.suspended:
-                    self.suspended.pop(fd, None)
-                if added is None:
-                    added = [fd]
-                else:
-                    added.append(fd)
-            elif self.dead and fd in self.dead:
-                continue            # never registered (see _adopt)
-            elif self.reclass and fd in self.reclass:
-                self.reclass.discard(fd)
-                self._adopt(fd, obj)
-            elif fd in consulted:
-                self.cprev = None    # e.g. listen(): re-read accepting
-            else:
-                # The managed channel's answer, inline (hot: once per event).
-                new = 0 if (susp and fd in susp) else obj._fa_mask()
-                cur = mask.get(fd, 0)
-                if new != cur:
-                    if cur and new:
-                        mask[fd] = new
-                        if sp is None:
-                            self.batch[fd] = new
-                        else:
-                            sp.register(fd, new)
-                            self.nchg += 1
-                    else:
-                        self._set_mask(fd, new)
-                obj._fa_regmask = new
-        if added is not None:
-            # Adopted in map order, as the full walk does: a consulted
-            # channel is asked in that order, as 3.11 asks them.  Keys set
-            # since the last iteration are the map's last ones.
-            if len(added) > 1:
-                added = _map_order(m, added)
-            for fd in added:
-                obj = m.get(fd)
-                if obj is not None and fd not in owner:
-                    self._adopt(fd, obj)
-        if sp is not None and self.spoll is not sp:
-            self._direct_lost(sp)
-        if self.faults:
-            self._route_faults()
-        if len(m) != len(owner):
-            self._reconcile_all()    # a change the map did not report
 
     def _reconcile_all(self) -> None:
         m = self.map
