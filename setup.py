@@ -69,7 +69,11 @@ def cloop_extension() -> Extension:
         include_dirs=["csrc"], depends=["csrc/fastasyncore.h", "csrc/fa_chanio.h", "csrc/fa_pyutil.h"],
         py_limited_api=GIL,
         define_macros=[("Py_LIMITED_API", "0x03090000")] if GIL else [],
-        extra_compile_args=["-fvisibility=hidden"] + _env_flags("FASTASYNCORE_CFLAGS"),
+        # -Werror=implicit-function-declaration: under the limited API a
+        # full-API macro (PySet_CheckExact on 3.9) compiles as a call to an
+        # undeclared function and fails only at import, "undefined symbol"
+        extra_compile_args=["-fvisibility=hidden", "-Werror=implicit-function-declaration"]
+        + _env_flags("FASTASYNCORE_CFLAGS"),
         extra_link_args=_env_flags("FASTASYNCORE_LDFLAGS"))
 
 

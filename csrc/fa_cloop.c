@@ -1696,7 +1696,7 @@ bk_reconcile(PyObject *st)
     consulted = STF(st, F_CONSULTED);
     mask = STF(st, F_MASK);
     susp = STF(st, F_SUSPENDED);
-    if (!m || !PyDict_CheckExact(m) || !pending || !PySet_CheckExact(pending) ||
+    if (!m || !PyDict_CheckExact(m) || !pending || Py_TYPE(pending) != &PySet_Type ||
         !owner || !PyDict_Check(owner) || !consulted || !PyDict_Check(consulted) ||
         !mask || !PyDict_Check(mask) || !susp || !PyDict_Check(susp)) {
         /* (a map that is not a dict: its get() and order are its own) */
