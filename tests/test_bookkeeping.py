@@ -201,10 +201,22 @@ SCRIPTS = {
 }
 
 
-def _run(script, impl):
+class RecordingMap(dict):
+    """A map whose get() is its own (recorded): reconcile() must call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gets = []
+
+    def get(self, key, default=None):
+        self.gets.append(key)
+        return super().get(key, default)
+
+
+def _run(script, impl, map_type=dict):
     """-> what the script left: a tuple to compare between implementations."""
     py = impl == "py"
-    m = {}
+    m = map_type()
     st = _loop._states[id(m)] = _loop.MapState(m)
     # The wake-up fd's number, as _adopt() compares keys with it: fixed, so
     # that no key of the scripts is the real one's (which depends on what
@@ -296,7 +308,8 @@ def _run(script, impl):
             sorted(st.suspended), sorted(st.reclass, key=repr), sorted(st.pending, key=repr),
             st.nchg, st.csnap, st.cvec,
             {name(c): c.__dict__.get("_fa_regmask") for c in chans.values()},
-            (st.cprev, st.full, st.disp is None, sorted(m, key=repr)),
+            (st.cprev, st.full, st.disp is None, sorted(m, key=repr),
+             len(getattr(m, "gets", ()))),
         )
     finally:
         if _loop._states.get(id(m)) is st:
@@ -364,3 +377,22 @@ def test_the_reconcile_scripts_reach_what_they_are_about():
     assert sorted(owner) == [300, 302, 303]
     log = ref["reconcile: errors"][0]
     assert [e[1] for e in log if len(e) == 3] == ["ValueError", "ZeroDivisionError"]
+
+
+def test_c_reconcile_of_a_dict_subclass_map_calls_its_get():
+    # StateBase.reconcile runs the Python reference for a map that is not
+    # exactly a dict (its get() and its order are its own)
+    _c_state_base()
+    script = SCRIPTS["reconcile: managed answers, stateless then with a select.poll"]
+    ref = _run(script, "py", RecordingMap)
+    got = _run(script, "c", RecordingMap)
+    assert got == ref                               # map.get() calls included
+    assert ref[-1][-1] > 0                          # ... which there were
+    plain = _run(script, "py")
+    assert ref[:-1] == plain[:-1] and ref[-1][:-1] == plain[-1][:-1]   # same work
+
+
+def test_the_recording_map_records():
+    m = RecordingMap()
+    m[1] = 2
+    assert m.get(1) == 2 and m.gets == [1]
