@@ -290,6 +290,27 @@ def test_call_every_skips_missed_runs(chan, use_poll):
     assert len(runs) < 20
 
 
+def test_a_repeating_timer_due_behind_a_slow_callback_skips_what_it_missed(chan, use_poll):
+    # Both timers are due in the same pass; the first one's callback takes
+    # 0.15 s, 15 intervals of the second.  The second then runs once, armed
+    # for the first grid point after that run, not for one that passed
+    # while the first callback ran (which would make it run again at once).
+    m, ch, peer = chan
+    iv = 0.01
+    runs = []
+    asyncore.call_later(0, time.sleep, 0.15, map=m)
+    t = asyncore.call_every(iv, lambda: runs.append((time.monotonic(), t.when)), map=m)
+    first = t.when
+    time.sleep(2 * iv)                  # both due at the next iteration
+    asyncore.loop(timeout=0, use_poll=use_poll, map=m, count=1)
+    t.cancel()
+    assert len(runs) == 1
+    ran, nxt = runs[0]
+    assert nxt > ran                    # armed after the run ...
+    k = (nxt - first) / iv
+    assert abs(k - round(k)) < 1e-6     # ... on the original grid
+
+
 def test_many_timers_scheduled_and_cancelled(backend):
     m = {}
     t0 = time.monotonic()

@@ -263,6 +263,7 @@ class Services:
             return
         now = _monotonic()
         limit = self.seq            # nothing scheduled from here on runs now
+        ran = False                 # a callback ran since `now` was read
         while heap:
             when, seq, timer = heap[0]
             if timer._seq != seq:
@@ -276,14 +277,20 @@ class Services:
             iv = timer._interval
             if iv is not None:
                 # fixed rate, never early, missed runs skipped (not bunched):
-                # the first deadline after now on the original grid
+                # the first deadline after now on the original grid.  "Now"
+                # is read again once a callback of this pass has run: one
+                # that took longer than the interval would otherwise leave
+                # this timer armed in the past, and it would run twice in a
+                # row (a burst of the runs it missed meanwhile).
+                t = _monotonic() if ran else now
                 nxt = when + iv
-                if nxt <= now:
-                    nxt = when + iv * (math.floor((now - when) / iv) + 1)
-                    if nxt <= now:
+                if nxt <= t:
+                    nxt = when + iv * (math.floor((t - when) / iv) + 1)
+                    if nxt <= t:
                         nxt += iv
                 self.push(timer, nxt)
             self._set_due()
+            ran = True
             _call(timer._callback, timer._args)
         self._set_due()
 
