@@ -1094,6 +1094,21 @@ python:
     return p ? 0 : -1;
 }
 
+/* `if st.reclass: st.reclass.discard(fd)`.  0 or -1. */
+static int
+reclass_discard(PyObject *st, PyObject *fd)
+{
+    PyObject *o = st_get(st, F_RECLASS);
+    int t;
+    if (o == NULL)
+        return -1;
+    t = PyObject_IsTrue(o);
+    if (t > 0)
+        t = PySet_Discard(o, fd);
+    Py_DECREF(o);
+    return t < 0 ? -1 : 0;
+}
+
 /* MapState._drop(fd).  0 or -1. */
 static int
 bk_drop(PyObject *st, PyObject *fd)
@@ -1109,13 +1124,7 @@ bk_drop(PyObject *st, PyObject *fd)
         Py_DECREF(r);
     }
     if (field_pop(st, F_DEAD, fd, 1) < 0 || field_pop(st, F_OWNER, fd, 0) < 0 ||
-        !(o = st_get(st, F_RECLASS)))
-        return -1;
-    t = PyObject_IsTrue(o);
-    if (t > 0)
-        t = PySet_Discard(o, fd);
-    Py_DECREF(o);
-    if (t < 0 || field_pop(st, F_SUSPENDED, fd, 1) < 0 ||
+        reclass_discard(st, fd) < 0 || field_pop(st, F_SUSPENDED, fd, 1) < 0 ||
         (t = field_pop(st, F_CONSULTED, fd, 0)) < 0)
         return -1;
     /* (cvec too: it holds the channel until the next consult rebuilds
@@ -1539,21 +1548,6 @@ call_drop(PyObject *obj, PyObject *name, PyObject *arg)
     PyObject *r = PyObject_CallMethodObjArgs(obj, name, arg, NULL);
     Py_XDECREF(r);
     return r ? 0 : -1;
-}
-
-/* `if st.<k>: st.<k>.discard(fd)` for the set field reclass.  0 or -1. */
-static int
-reclass_discard(PyObject *st, PyObject *fd)
-{
-    PyObject *o = st_get(st, F_RECLASS);
-    int t;
-    if (o == NULL)
-        return -1;
-    t = PyObject_IsTrue(o);
-    if (t > 0)
-        t = PySet_Discard(o, fd);
-    Py_DECREF(o);
-    return t < 0 ? -1 : 0;
 }
 
 /* `self.<k> and fd in self.<k>` for a dict or set field.  1, 0, -1. */
