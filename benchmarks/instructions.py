@@ -4,6 +4,7 @@ without the machine's noise.
     python benchmarks/instructions.py                    # every row, every impl
     python benchmarks/instructions.py --rows spin,pp_dws_1 --impls fastasyncore-cffi
     python benchmarks/instructions.py --jobs 2 --scale 0.5
+    python benchmarks/instructions.py --rows W1_c100,W4 --impls fastasyncore-cffi,hook-floor
 
 Why: the timed harness (``python -m fastasyncore bench``) measures CPU time,
 which is what users pay, but on a shared VM its cells move by 10-30% between
@@ -41,6 +42,12 @@ warm-up cancelled out.  The rows:
   costs (3.11's walk over every channel, our consult) are spread over more
   requests than in a timed run, which flatters the stdlib a little.
 
+The implementation ``hook-floor`` (W1_c100, W1_c1000, W4 and W4_1 only) is
+benchmarks/hook_floor.py's measuring stick: a loop in C that does only what
+these rows force on any loop keeping the hook API, on fastasyncore's own
+classes.  Its count is the least user-space work per unit such a loop can
+do here; the table gives the C loop's count against it.
+
 Needs valgrind and, for the W4 and TCP rows, a C compiler (as the harness does).
 Loopback only; every run is bounded by a timeout.
 """
@@ -53,6 +60,8 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 try:
     import fastasyncore  # noqa: F401
@@ -77,6 +86,9 @@ TCP = {  # row -> (worker serve --pattern, connections, message size, requests 1
 ROWS = list(BUSY) + list(W4) + list(TCP)
 IMPLS = ["asyncore-select", "asyncore-poll", "fastasyncore-cffi", "fastasyncore-cffi-poll",
          "fastasyncore-pure", "fastasyncore-pure-poll"]
+FLOOR = "hook-floor"                # not in the default IMPLS: asked for by name
+FLOOR_ROWS = ("W1_c100", "W1_c1000", "W4", "W4_1")
+_floor_dir = None                   # where main() built hook_floor's extension
 TIMEOUT = 900
 
 
@@ -115,12 +127,17 @@ def callgrind_file_total(out):
 
 def worker_argv(impl, *args):
     # the harness's impl names: "-poll" selects loop(use_poll=True)
-    return [sys.executable, "-m", "fastasyncore._bench.worker"] + list(args) + ["--impl", impl]
+    if impl == FLOOR:
+        head = [sys.executable, os.path.join(HERE, "hook_floor.py"), "--worker", _floor_dir]
+    else:
+        head = [sys.executable, "-m", "fastasyncore._bench.worker"]
+    return head + list(args) + ["--impl", impl]
 
 
 def measure(row, impl, ctx):
     """-> Ir per unit (the difference of two runs)."""
-    env = runner.child_env(impl)
+    # (the floor runs fastasyncore's classes on the cffi backend)
+    env = runner.child_env("fastasyncore-cffi" if impl == FLOOR else impl)
     scale = ctx["scale"]
     if row in BUSY:
         which, pairs, n1, n2 = BUSY[row]
@@ -179,8 +196,10 @@ def measure_tcp(row, impl, ctx, env):
 def table(rows, impls, res):
     unit = {"spin": "iteration", "W4": "request", "W4_1": "connection", "W1_c100": "request",
             "W1_c1000": "request", "chat_lines": "request"}
-    lines = ["| row | implementation | Ir per unit | × stdlib (cheaper mode) | pure ÷ cffi (same mode) |",
-             "|---|---|---:|---:|---:|"]
+    floor = FLOOR in impls
+    lines = ["| row | implementation | Ir per unit | × stdlib (cheaper mode) | pure ÷ cffi (same mode) |"
+             + (" cffi ÷ hook floor |" if floor else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if floor else "")]
     for row in rows:
         std = [res[(row, i)] for i in impls if i.startswith("asyncore-") and (row, i) in res]
         best = min(std) if std else None
@@ -189,29 +208,36 @@ def table(rows, impls, res):
             if v is None:
                 continue
             ratio = "%.2f×" % (v / best) if best else "–"
-            vs = "–"
+            vs = fl = "–"
             if impl.startswith("fastasyncore-cffi"):
                 pure = res.get((row, impl.replace("-cffi", "-pure")))
                 if pure:
                     vs = "%.2f×" % (pure / v)
+                if res.get((row, FLOOR)):
+                    fl = "%.2f×" % (v / res[(row, FLOOR)])
             lines.append("| %s (per %s) | %s | %s | %s | %s |" % (
-                row, unit.get(row, "message"), impl, "{:,.0f}".format(v), ratio, vs))
+                row, unit.get(row, "message"), impl, "{:,.0f}".format(v), ratio, vs)
+                + (" %s |" % fl if floor else ""))
     return "\n".join(lines)
 
 
 def main(argv=None):
+    global _floor_dir
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated: " + ", ".join(ROWS))
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
+    p.add_argument("--impls", default=",".join(IMPLS),
+                   help="comma-separated: " + ", ".join(IMPLS + [FLOOR]))
     p.add_argument("--scale", type=float, default=1.0, help="multiply the unit counts")
     p.add_argument("--w4-rounds", type=int, default=20, help="requests per connection (W4)")
     p.add_argument("--jobs", type=int, default=2, help="callgrind runs at once")
     args = p.parse_args(argv)
     rows = [r for r in args.rows.split(",") if r]
     impls = [i for i in args.impls.split(",") if i]
-    bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in IMPLS]
+    bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in IMPLS + [FLOOR]]
     if bad:
         p.error("unknown: %s" % ", ".join(bad))
+    if FLOOR in impls and not any(r in FLOOR_ROWS for r in rows):
+        p.error("%s counts only the rows %s" % (FLOOR, ", ".join(FLOOR_ROWS)))
     if shutil.which("valgrind") is None:
         raise SystemExit("instructions: valgrind is not installed")
     have_std, why = runner.have_stdlib_asyncore()
@@ -228,13 +254,21 @@ def main(argv=None):
                 if exe is None:
                     raise SystemExit("instructions: %s" % msg)
                 ctx["exe"] = exe
+            if FLOOR in impls:
+                if HERE not in sys.path:
+                    sys.path.insert(0, HERE)
+                import hook_floor
+                why = hook_floor.build(workdir)
+                if why:
+                    raise SystemExit("instructions: %s: %s" % (FLOOR, why))
+                _floor_dir = workdir
             if any(r in W4 for r in rows):
                 srv = runner.Server([exe, "server", "--mode", "http", "--max-seconds", "3600"],
                                     dict(os.environ), None, workdir, "http")
                 ctx["port"] = srv.port()
                 if ctx["port"] is None:
                     raise SystemExit("instructions: the C HTTP server did not start")
-            todo = [(r, i) for r in rows for i in impls]
+            todo = [(r, i) for r in rows for i in impls if i != FLOOR or r in FLOOR_ROWS]
             with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
                 futs = {key: pool.submit(measure, key[0], key[1], ctx) for key in todo}
                 for key in todo:

@@ -171,6 +171,29 @@ def test_instruction_counts_script_tcp_row(tmp_path):
     assert 1000 < ir < 500000, ir
 
 
+def test_instruction_counts_of_the_hook_floor(tmp_path):
+    """--impls hook-floor counts benchmarks/hook_floor.py's loop on a row it
+    is made for (its extension built, the server under callgrind) ..."""
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler for the load generator and the floor")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the C load generator needs Linux")
+    ir = _instructions_row(tmp_path, "W1_c100", "request", "hook-floor", 0.02)
+    assert 1000 < ir < 500000, ir
+
+
+def test_instruction_counts_refuse_the_hook_floor_on_other_rows(tmp_path):
+    """... and refuses a run where it would count nothing."""
+    script = os.path.join(ROOT, "benchmarks", "instructions.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/instructions.py not in this tree")
+    proc = subprocess.run([sys.executable, script, "--rows", "spin", "--impls", "hook-floor"],
+                          cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "hook-floor counts only the rows W1_c100" in proc.stderr
+
+
 def test_instruction_counts_refuse_a_w4_run_that_lost_requests(tmp_path):
     """A W4 count is divided by connections x rounds: a client run that
     reports fewer completed requests (a connection closed early) fails the
