@@ -40,6 +40,7 @@
 #include <string.h>
 #include <time.h>
 #include <stddef.h>
+#include <stdint.h>          /* uintptr_t */
 #include "structmember.h"       /* PyMemberDef, T_OBJECT_EX (3.9-3.11) */
 
 #include "fastasyncore.h"
@@ -80,6 +81,50 @@ static unsigned long g_states_gen;
 
 /* ------------------------------------------------------------------------ */
 /* small helpers */
+
+/* The small ints CPython shares (0..256 here) read by their address.  A
+ * PyLong_AsLong() costs ~27 instructions, and the loop reads interest masks
+ * (0..7) and low fds several times per event (pp_docs, W1: ~10 reads per
+ * message).  At import the 257 objects are taken once (PyLong_FromLong()
+ * returns the shared ones); where they lie at one stride from each other,
+ * as in CPython's static array (3.11+), an int's value is its distance from
+ * the first divided by the stride.  The address test (g_small[i] == o)
+ * sends any other layout (3.9/3.10 allocate them one by one), another
+ * interpreter's objects and every other int to PyLong_AsLong(). */
+#define FA_SMALL_N 257
+static PyObject *g_small[FA_SMALL_N];
+static uintptr_t g_small_span;          /* 0: the fast path is off */
+static uintptr_t g_small_stride;
+
+static int
+small_ints_init(void)
+{
+    size_t i;
+    for (i = 0; i < FA_SMALL_N; i++)
+        if (!(g_small[i] = PyLong_FromLong((long)i)))
+            return -1;
+    if ((uintptr_t)g_small[1] <= (uintptr_t)g_small[0])
+        return 0;
+    g_small_stride = (uintptr_t)g_small[1] - (uintptr_t)g_small[0];
+    for (i = 0; i < FA_SMALL_N; i++)
+        if ((uintptr_t)g_small[i] != (uintptr_t)g_small[0] + i * g_small_stride)
+            return 0;
+    g_small_span = FA_SMALL_N * g_small_stride;
+    return 0;
+}
+
+/* PyLong_AsLong(o), with the same result and errors. */
+static inline long
+fa_long(PyObject *o)
+{
+    uintptr_t d = (uintptr_t)o - (uintptr_t)g_small[0];   /* (wraps when below) */
+    if (d < g_small_span) {
+        uintptr_t i = d / g_small_stride;
+        if (g_small[i] == o)
+            return (long)i;
+    }
+    return PyLong_AsLong(o);
+}
 
 static PyObject *
 call0(PyObject *obj, PyObject *name)
@@ -843,7 +888,7 @@ remember_key(PyObject *fdobj)
     long v;
     if (!PyLong_CheckExact(fdobj))
         return;                         /* (an int subclass may compare otherwise) */
-    v = PyLong_AsLong(fdobj);
+    v = fa_long(fdobj);
     if (v <= 256 || v >= KEYS_MAX) {    /* (small ints are shared objects) */
         if (v == -1 && PyErr_Occurred())
             PyErr_Clear();
@@ -1024,7 +1069,7 @@ bk_set_mask(PyObject *st, PyObject *fd, PyObject *mo)
     long cur, m;
     int r;
 
-    if (!PyLong_Check(mo) || ((m = PyLong_AsLong(mo)) == -1 && PyErr_Occurred()))
+    if (!PyLong_Check(mo) || ((m = fa_long(mo)) == -1 && PyErr_Occurred()))
         goto python;
     if (!(mask = st_dict(st, F_MASK)))
         return -1;
@@ -1035,7 +1080,7 @@ bk_set_mask(PyObject *st, PyObject *fd, PyObject *mo)
     }
     cur = 0;
     if (cv != NULL && (!PyLong_Check(cv) ||
-                       ((cur = PyLong_AsLong(cv)) == -1 && PyErr_Occurred()))) {
+                       ((cur = fa_long(cv)) == -1 && PyErr_Occurred()))) {
         Py_DECREF(mask);
         goto python;
     }
@@ -1864,7 +1909,7 @@ recheck(PyObject *consulted, PyObject *pending, PyObject *key, PyObject *obj,
         rm = PyObject_GetAttr(obj, S.fa_regmask);
         if (rm == NULL)
             return -1;
-        r = PyLong_Check(rm) ? PyLong_AsLong(rm) : -1;
+        r = PyLong_Check(rm) ? fa_long(rm) : -1;
         Py_DECREF(rm);
         if (r == -1 && PyErr_Occurred())
             return -1;
@@ -2085,7 +2130,7 @@ dispatch_select(loopst *c, PyObject *map, evbuf *b)
             Py_DECREF(key);
             goto out;
         }
-        m = mv ? PyLong_AsLong(mv) : 0;
+        m = mv ? fa_long(mv) : 0;
         if (m == -1 && PyErr_Occurred()) {
             Py_DECREF(key);
             goto out;
@@ -2336,7 +2381,7 @@ wait_stateless(loopst *c, long ms, evbuf *b)
     }
     /* no call into Python while iterating */
     while (k < n && PyDict_Next(c->mask, &pos, &key, &val)) {
-        long f = PyLong_AsLong(key), e = PyLong_AsLong(val);
+        long f = fa_long(key), e = fa_long(val);
         if ((f == -1 || e == -1) && PyErr_Occurred())
             goto out;
         if (f < 0 || f > INT_MAX) {
@@ -2586,7 +2631,7 @@ apply_answer(loopst *c, PyObject *fd, PyObject *obj, PyObject *mo, long m,
     int s;
     if (mv == NULL && PyErr_Occurred())
         return -1;
-    cur = mv ? PyLong_AsLong(mv) : 0;
+    cur = mv ? fa_long(mv) : 0;
     if (cur == -1 && PyErr_Occurred())
         return -1;
     if (cur == m)
@@ -2711,7 +2756,7 @@ consult_vec(loopst *c, int select_mode)
             if (q == mo)
                 continue;               /* the same small int: unchanged */
         }
-        m = PyLong_AsLong(mo);
+        m = fa_long(mo);
         if (m == -1 && PyErr_Occurred())
             goto out;
         if (pm != NULL) {
@@ -2723,7 +2768,7 @@ consult_vec(loopst *c, int select_mode)
             if (q == NULL)
                 goto out;
             if (PyLong_CheckExact(q)) {
-                if ((a = PyLong_AsLong(q)) == -1 && PyErr_Occurred())
+                if ((a = fa_long(q)) == -1 && PyErr_Occurred())
                     goto out;
                 if (a == m)
                     continue;
@@ -3464,6 +3509,8 @@ PyInit__cloop(void)
     INTERN(reconcile_all, "_reconcile_all");
     INTERN(direct_lost, "_direct_lost");
     INTERN(route_faults, "_route_faults");
+    if (small_ints_init() < 0)
+        return NULL;
     {
         PyObject *m = PyModule_Create(&cloop_module);
         if (m == NULL)
