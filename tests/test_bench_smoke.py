@@ -159,26 +159,18 @@ def test_instruction_counts_script(tmp_path):
     assert 500 < ir < 200000, ir
 
 
-def test_instruction_counts_script_tcp_row(tmp_path):
+@pytest.mark.parametrize("impl", ["fastasyncore-pure", "hook-floor"])
+def test_instruction_counts_script_tcp_row(tmp_path, impl):
     """Its TCP rows run the server under callgrind against the C load
-    generator: one row, one implementation, a few hundred requests."""
+    generator: one row, one implementation, a few hundred requests; also
+    benchmarks/hook_floor.py's loop (--impls hook-floor: its extension
+    built), on a row it is made for ..."""
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler for the load generator")
     if not sys.platform.startswith("linux"):
         pytest.skip("the C load generator needs Linux")
-    ir = _instructions_row(tmp_path, "W1_c100", "request", "fastasyncore-pure", 0.02)
+    ir = _instructions_row(tmp_path, "W1_c100", "request", impl, 0.02)
     # a request (a read, a consult, a write) is thousands of instructions
-    assert 1000 < ir < 500000, ir
-
-
-def test_instruction_counts_of_the_hook_floor(tmp_path):
-    """--impls hook-floor counts benchmarks/hook_floor.py's loop on a row it
-    is made for (its extension built, the server under callgrind) ..."""
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler for the load generator and the floor")
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the C load generator needs Linux")
-    ir = _instructions_row(tmp_path, "W1_c100", "request", "hook-floor", 0.02)
     assert 1000 < ir < 500000, ir
 
 
