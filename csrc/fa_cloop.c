@@ -87,10 +87,11 @@ static unsigned long g_states_gen;
  * (0..7) and low fds several times per event (pp_docs, W1: ~10 reads per
  * message).  At import the 257 objects are taken once (PyLong_FromLong()
  * returns the shared ones); where they lie at one stride from each other,
- * as in CPython's static array (3.11+), an int's value is its distance from
- * the first divided by the stride.  The address test (g_small[i] == o)
- * sends any other layout (3.9/3.10 allocate them one by one), another
- * interpreter's objects and every other int to PyLong_AsLong(). */
+ * as they do on 3.10-3.13 (checked here, not assumed), an int's value is
+ * its distance from the first divided by the stride.  The address test
+ * (g_small[i] == o) sends any other layout (3.9 allocates them one by one:
+ * the fast path stays off), another interpreter's objects and every other
+ * int to PyLong_AsLong(). */
 #define FA_SMALL_N 257
 static PyObject *g_small[FA_SMALL_N];
 static uintptr_t g_small_span;          /* 0: the fast path is off */
