@@ -60,6 +60,10 @@ def test_tiny_socket_workload(tmp_path):
         assert not r.get("error"), r
         assert r["requests"] > 0 and r["throughput"] > 0
         assert r["server_cpu"] >= 0
+        # (the kernel's part, from the same /proc ticks as the whole)
+        assert 0 <= r["server_sys"] <= r["server_cpu"] + 1e-9
+        assert r["sys_per_unit"] == pytest.approx(r["server_sys"] / r["requests"] * 1e5)
+    assert "### User and kernel CPU" in proc.stdout
     again = subprocess.run([sys.executable, "-m", "fastasyncore", "bench", "--replot", str(out)],
                            cwd=str(tmp_path), env=_env(), capture_output=True, text=True,
                            timeout=60)
@@ -117,6 +121,39 @@ def test_tiny_busy_maps(tmp_path):
                            timeout=60)
     assert again.returncode == 0, again.stderr
     assert "### In-process busy small maps" in again.stdout and "| pp_dws_100 |" in again.stdout
+
+
+def test_w4_client_repeats_whole_batches_to_fill_its_window(tmp_path):
+    """The W4 client runs whole batches (connections x rounds) until its
+    measured window is --min-seconds long, counts every request of every
+    batch, and splits its CPU into user and kernel time."""
+    if not _have_cc():
+        pytest.skip("the C HTTP server needs a C compiler on Linux")
+    from fastasyncore._bench import runner
+    exe, msg = runner.build_c(str(tmp_path), lambda m: None)
+    if exe is None:
+        pytest.skip(msg)
+    srv = runner.Server([exe, "server", "--mode", "http", "--max-seconds", "60"],
+                        dict(os.environ), None, str(tmp_path), "http")
+    try:
+        port = srv.port()
+        assert port, "the C HTTP server did not start"
+        res, err = runner.run_json(
+            [sys.executable, "-m", "fastasyncore._bench.worker", "w4client", "--impl",
+             "fastasyncore-cffi", "--port", str(port), "--conns", "4", "--rounds", "3",
+             "--warmup-conns", "1", "--min-seconds", "0.3", "--timeout", "60"],
+            _env(), None, 90, str(tmp_path))
+    finally:
+        srv.stop()
+    assert res is not None, err
+    assert res["errors"] == 0, res
+    from fastasyncore._bench import worker
+    assert 2 <= res["batches"] <= worker.MAX_W4_BATCHES
+    assert res["requests"] == res["batches"] * 4 * 3
+    # (batches this small may reach the bound on their count first)
+    assert res["elapsed"] >= 0.3 or res["batches"] == worker.MAX_W4_BATCHES
+    assert res["client_user"] >= 0 and res["client_sys"] >= 0
+    assert res["client_cpu"] == pytest.approx(res["client_user"] + res["client_sys"])
 
 
 def test_unknown_workload_is_an_error(tmp_path):

@@ -73,7 +73,10 @@ static void raise_nofile(void) {
 }
 
 /* ---- /proc ------------------------------------------------------------ */
-static long long proc_ticks(int pid) {       /* utime + stime of pid, in ticks */
+/* utime + stime of pid, in ticks; *sys (if not NULL) gets the stime part.
+ * Linux divides the process's exact run time between the two by where its
+ * timer ticks fell, so over a one-second window the split is a sample. */
+static long long proc_ticks(int pid, long long *sys) {
     char path[64], buf[4096];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     FILE *f = fopen(path, "r");
@@ -91,6 +94,7 @@ static long long proc_ticks(int pid) {       /* utime + stime of pid, in ticks *
     }
     long long ut = 0, st = 0;
     if (sscanf(p, "%lld %lld", &ut, &st) != 2) return -1;
+    if (sys) *sys = st;
     return ut + st;
 }
 
@@ -358,7 +362,7 @@ static int client_main(void) {
     int phase = 0;                  /* 0 setup, 1 warmup, 2 measure */
     double t_phase = 0, t0 = 0, t1 = 0;
     uint64_t req0 = 0, rx0 = 0, tx0 = 0;
-    long long sp0 = 0, sp1 = 0, ca0 = 0, ca1 = 0, cb0 = 0, cb1 = 0;
+    long long sp0 = 0, sp1 = 0, ss0 = 0, ss1 = 0, ca0 = 0, ca1 = 0, cb0 = 0, cb1 = 0;
     double self0 = 0, self1 = 0, la0 = 0, la1 = 0;
     struct epoll_event evs[MAXEV];
 
@@ -414,14 +418,14 @@ static int client_main(void) {
         }
         if (phase == 1 && t - t_phase >= warmup) {
             phase = 2; t0 = t; req0 = requests; rx0 = bytes_rx; tx0 = bytes_tx;
-            if (spid) sp0 = proc_ticks(spid);
+            if (spid) sp0 = proc_ticks(spid, &ss0);
             if (cpu_a >= 0) ca0 = cpu_busy(cpu_a);
             if (cpu_b >= 0) cb0 = cpu_busy(cpu_b);
             self0 = self_cpu(); la0 = loadavg1();
         }
         if (phase == 2 && (t - t0 >= duration || (double)(requests - req0) >= max_req)) {
             t1 = t;
-            if (spid) sp1 = proc_ticks(spid);
+            if (spid) sp1 = proc_ticks(spid, &ss1);
             if (cpu_a >= 0) ca1 = cpu_busy(cpu_a);
             if (cpu_b >= 0) cb1 = cpu_busy(cpu_b);
             self1 = self_cpu(); la1 = loadavg1();
@@ -432,13 +436,13 @@ static int client_main(void) {
     printf("{\"ok\": true, \"mode\": \"%s\", \"conns\": %d, \"idle\": %d, "
            "\"setup_s\": %.6f, \"elapsed\": %.6f, \"requests\": %llu, "
            "\"bytes_rx\": %llu, \"bytes_tx\": %llu, \"t0\": %.6f, \"t1\": %.6f, "
-           "\"server_cpu\": %.4f, \"loadgen_cpu\": %.6f, "
+           "\"server_cpu\": %.4f, \"server_sys\": %.4f, \"loadgen_cpu\": %.6f, "
            "\"cpu_busy_server\": %.4f, \"cpu_busy_loadgen\": %.4f, "
            "\"loadavg_before\": %.2f, \"loadavg_after\": %.2f}\n",
            mode, nconn, nidle, t_phase - t_start, t1 - t0,
            (unsigned long long)(requests - req0), (unsigned long long)(bytes_rx - rx0),
            (unsigned long long)(bytes_tx - tx0), t0, t1,
-           spid ? (sp1 - sp0) / hz : -1.0, self1 - self0,
+           spid ? (sp1 - sp0) / hz : -1.0, spid ? (ss1 - ss0) / hz : -1.0, self1 - self0,
            cpu_a >= 0 ? (ca1 - ca0) / hz : -1.0, cpu_b >= 0 ? (cb1 - cb0) / hz : -1.0,
            la0, la1);
     fflush(stdout);

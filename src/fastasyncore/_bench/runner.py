@@ -417,6 +417,8 @@ def server_run(ctx, wid, spec, impl, variant):
         n = res["requests"]
         run["throughput"] = n / elapsed if elapsed > 0 else 0.0
         run["cpu_per_unit"] = res["server_cpu"] / n * 1e5 if n else None
+        if n and res.get("server_sys", -1) >= 0:
+            run["sys_per_unit"] = res["server_sys"] / n * 1e5
     elif metric == "bulk":
         nbytes = res["bytes_rx"] if spec["mode"] == "echo" else res["bytes_tx"]
         run["throughput"] = nbytes / elapsed / 1e6 if elapsed > 0 else 0.0
@@ -468,7 +470,7 @@ def client_run(ctx, wid, spec, impl):
             argv = worker_argv(impl) + [
                     "w4client", "--impl", impl, "--port", str(port), "--conns", str(conns),
                     "--rounds", str(rounds), "--warmup-conns", str(max(1, conns // 10)),
-                    "--timeout", "60"]
+                    "--min-seconds", str(ctx.duration), "--timeout", "60"]
             env = child_env(impl)
         w0 = time.monotonic()
         res, err = run_json(argv, env, cpu_c, 90, ctx.workdir)
@@ -484,9 +486,12 @@ def client_run(ctx, wid, spec, impl):
     n = res["requests"]
     run["throughput"] = n / res["elapsed"] if res["elapsed"] > 0 else 0.0
     run["cpu_per_unit"] = res["client_cpu"] / n * 1e5 if n else None
-    if n < conns * rounds:
+    if n and "client_sys" in res:
+        run["sys_per_unit"] = res["client_sys"] / n * 1e5
+    want = conns * rounds * res.get("batches", 1)
+    if n < want:
         run["error"] = "only %d of %d requests completed (%s)" % (
-            n, conns * rounds, res.get("first_error"))
+            n, want, res.get("first_error"))
     # Disturbance: the client's CPU was busier than the client process itself
     # over the process's whole life (other processes ran there).
     run["other_load"] = None
@@ -517,11 +522,16 @@ def summarize_cell(runs):
     t = med_range([r.get("throughput") for r in use])
     c = med_range([r.get("cpu_per_unit") for r in use])
     u = med_range([r.get("us_per_iter") for r in use])
+    k = med_range([r.get("sys_per_unit") for r in use])
+    us = med_range([r["cpu_per_unit"] - r["sys_per_unit"] for r in use
+                    if r.get("sys_per_unit") is not None and r.get("cpu_per_unit") is not None])
     return {"n": len(use), "runs": len(runs), "disturbed": len(ok) - len(clean),
             "used_disturbed": use is ok and len(clean) < len(ok),
             "throughput": t[0], "throughput_min": t[1], "throughput_max": t[2],
             "cpu_per_unit": c[0], "cpu_min": c[1], "cpu_max": c[2],
-            "us_per_iter": u[0]}
+            "us_per_iter": u[0],
+            "user_per_unit": us[0], "user_min": us[1], "user_max": us[2],
+            "sys_per_unit": k[0], "sys_min": k[1], "sys_max": k[2]}
 
 
 UNITS = {"req": ("req/s", "CPU s/100k req"), "bulk": ("MB/s", "CPU s/GB"),
@@ -612,6 +622,42 @@ def server_table(cells, order, stdlib_label):
                 fmt_num(s["us_per_iter"]) if s.get("us_per_iter") else "–",
                 fmt_ratio(tr), fmt_ratio(cr), fmt_ratio(ur), runs))
     return "\n".join(lines)
+
+
+def split_table(cells, order, stdlib_label):
+    """User and kernel CPU per unit of the process under test, where it was
+    measured (requests rows): what the loop and the handlers cost in user
+    space beside the send/recv/poll work in the kernel, which is the same
+    syscalls for every implementation here."""
+    lines = []
+    for wid, kind, spec in order:
+        if kind not in ("server", "client") or spec["metric"] != "req":
+            continue
+        cunit = UNITS[spec["metric"]][1]
+        for (w, impl, var), s in cells.items():
+            if w != wid or s.get("error") or s.get("user_per_unit") is None:
+                continue
+            ref = reference(cells, wid, var, STDLIB) if impl not in STDLIB else None
+            ok = ref is not None and ref.get("user_per_unit") is not None
+            lines.append("| %s | %s | %s (%s–%s) | %s (%s–%s) | %s | %s |" % (
+                wid, row_label(impl, var, stdlib_label), fmt_num(s["user_per_unit"]),
+                fmt_num(s["user_min"]), fmt_num(s["user_max"]), fmt_num(s["sys_per_unit"]),
+                fmt_num(s["sys_min"]), fmt_num(s["sys_max"]),
+                fmt_ratio(ratio(s["user_per_unit"], ref["user_per_unit"]) if ok else None),
+                fmt_ratio(ratio(s["sys_per_unit"], ref["sys_per_unit"]) if ok else None)))
+    if not lines:
+        return ""
+    return "\n".join([
+        "### User and kernel CPU",
+        "",
+        "The process under test's CPU per unit (%s) split into user and kernel "
+        "time (getrusage / `/proc/PID/stat`; Linux splits the exact total by where "
+        "its timer ticks fell, so the split of one window is a sample: read medians). "
+        "× stdlib: against the same stdlib cell as the ratios above." % cunit,
+        "",
+        "| workload | implementation | user: median (min–max) | kernel: median (min–max) "
+        "| user × stdlib | kernel × stdlib |",
+        "|---|---|---:|---:|---:|---:|"] + lines) + "\n"
 
 
 def compact_table(cells, order, stdlib_label):
@@ -1255,6 +1301,9 @@ def render(meta, notes, all_runs, cells, micro, workloads, std_label, args, out,
         report.append("")
         report.append(server_table(cells, workloads, std_label))
         report.append("")
+        st = split_table(cells, workloads, std_label)
+        if st:
+            report.append(st)
     mt = micro_tables(micro, std_label)
     if mt:
         report.append(mt)
