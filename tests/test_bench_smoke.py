@@ -273,3 +273,48 @@ def test_hook_floor_script(tmp_path):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     medians = [float(c.split()[0]) for c in cells[2:]]
     assert len(medians) == 6 and all(m > 0 for m in medians), rows[0]
+
+
+def _issue10_module():
+    script = os.path.join(ROOT, "benchmarks", "issue10.py")
+    if not os.path.exists(script):
+        pytest.skip("benchmarks/issue10.py not in this tree")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fa_issue10", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cell(wid, impl, cpu, thr=1.0, var=""):
+    return {"workload": wid, "impl": impl, "variant": var, "cpu_per_unit": cpu,
+            "cpu_min": cpu, "cpu_max": cpu, "throughput": thr,
+            "throughput_min": thr, "throughput_max": thr}
+
+
+def test_issue10_table_verdicts():
+    """benchmarks/issue10.py: each ratio against the cheaper stdlib mode,
+    W4 on requests/s against the faster one; a target is met or missed by
+    the unrounded ratio (1.298x ahead of pure is not 1.3x)."""
+    mod = _issue10_module()
+    busy = [dict(_cell("spin", "asyncore-select", 2.0), mode="select"),
+            dict(_cell("spin", "asyncore-poll", 1.0), mode="poll"),
+            dict(_cell("spin", "fastasyncore-cffi", 0.5), mode="select"),      # 0.5x: met
+            dict(_cell("spin", "fastasyncore-pure", 1.05), mode="select"),     # 2.1x ahead
+            dict(_cell("spin", "fastasyncore-cffi-poll", 0.5), mode="poll"),
+            dict(_cell("spin", "fastasyncore-pure-poll", 0.649), mode="poll")]  # 1.298x
+    cells = [_cell("W1_c100", "asyncore-select", 1.0), _cell("W1_c100", "asyncore-poll", 1.2),
+             _cell("W1_c100", "fastasyncore-cffi", 0.91), _cell("W1_c100", "fastasyncore-pure", 1.1),
+             _cell("W4_client", "asyncore-select", 2.0, 100.0),
+             _cell("W4_client", "asyncore-poll", 1.9, 105.0),
+             _cell("W4_client", "fastasyncore-cffi", 1.7, 116.0),
+             _cell("W4_client", "fastasyncore-pure", 2.3, 90.0)]
+    got = {r[0]: r for r in mod.rows({"busy": busy, "cells": cells})}
+    assert got["spin (select)"][7] == "met" and got["spin (select)"][8] == "met"
+    assert got["spin (poll)"][7] == "**missed**"            # ahead of pure 1.298x
+    assert got["W1_c100"][7] == "**missed**"                # 0.91x
+    assert got["W1_c100"][8] == "met"                       # 1.10x
+    assert "**1.10×**" in got["W4_client"][3]               # 116 / 105 req/s
+    assert got["W4_client"][7] == "met"                     # (1.105)
+    assert got["W4_client"][8] == "**missed**"              # pure CPU 2.3 / 1.9
+    assert "| spin (select) |" in mod.table({"busy": busy, "cells": cells})
