@@ -318,3 +318,37 @@ def test_issue10_table_verdicts():
     assert got["W4_client"][7] == "met"                     # (1.105)
     assert got["W4_client"][8] == "**missed**"              # pure CPU 2.3 / 1.9
     assert "| spin (select) |" in mod.table({"busy": busy, "cells": cells})
+
+
+def test_user_and_kernel_table_from_runs():
+    """The report's user/kernel split: per cell the medians of each run's
+    user part (CPU minus kernel) and kernel part, and each against the
+    stdlib cell the other ratios use (the one with more throughput)."""
+    from fastasyncore._bench import runner
+
+    def run(impl, cpu, sys_, thr):
+        return {"workload": "W1_c100", "impl": impl, "throughput": thr,
+                "cpu_per_unit": cpu, "sys_per_unit": sys_}
+
+    cells = {
+        ("W1_c100", "asyncore-select", ""): runner.summarize_cell(
+            [run("asyncore-select", 1.0, 0.7, 100.0), run("asyncore-select", 1.2, 0.8, 90.0),
+             run("asyncore-select", 1.1, 0.8, 95.0)]),
+        ("W1_c100", "asyncore-poll", ""): runner.summarize_cell(
+            [run("asyncore-poll", 1.3, 0.9, 80.0)]),
+        ("W1_c100", "fastasyncore-cffi", ""): runner.summarize_cell(
+            [run("fastasyncore-cffi", 0.9, 0.72, 110.0), run("fastasyncore-cffi", 0.95, 0.75, 105.0),
+             run("fastasyncore-cffi", 1.0, 0.8, 100.0)]),
+    }
+    c = cells[("W1_c100", "fastasyncore-cffi", "")]
+    assert c["user_per_unit"] == pytest.approx(0.2)         # median of 0.18, 0.2, 0.2
+    assert (c["user_min"], c["user_max"]) == (pytest.approx(0.18), pytest.approx(0.2))
+    assert c["sys_per_unit"] == pytest.approx(0.75)
+    spec = next(s for w, k, s in runner.WORKLOADS if w == "W1_c100")
+    text = runner.split_table(cells, [("W1_c100", "server", spec)], "stdlib")
+    line = next(ln for ln in text.splitlines() if "| fastasyncore-cffi |" in ln)
+    # against asyncore-select (more throughput): user 0.2 / 0.3, kernel 0.75 / 0.8
+    assert line.endswith("| 0.67× | 0.94× |"), line
+    assert "| asyncore-poll | 0.4" in text
+    # no split measured (another metric, or an older JSON): no table
+    assert runner.split_table({}, [("W1_c100", "server", spec)], "stdlib") == ""
