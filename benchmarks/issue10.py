@@ -1,7 +1,10 @@
 """Issue 10's rows of one ``python -m fastasyncore bench --json FILE`` run,
-with their targets and verdicts, as a markdown table.
+with their targets and verdicts, as a markdown table; given several runs,
+also each row's ratio in every run, their median, and in how many runs
+the target was met.
 
     python benchmarks/issue10.py bench.json
+    python benchmarks/issue10.py run1.json run2.json run3.json
 
 The rows: the in-process busy maps (spin, pp_docs_1, pp_docs_100,
 pp_dws_1, pp_dws_100) in both loop modes, the TCP servers W1_c100,
@@ -53,7 +56,11 @@ def verdict(ok):
     return "met" if ok else "**missed**"
 
 
-def rows(doc):
+def measures(doc):
+    """Issue 10's rows of one run: per row a dict of its texts (the table's
+    cells) and numbers: ``c`` the compiled ratio (W4: requests/s, higher is
+    better), ``p`` the pure ratio (CPU), ``ahead`` pure's CPU over
+    compiled's, and ``ok(c, ahead)`` the compiled target's test."""
     busy = {(b["workload"], b["impl"]): b for b in doc.get("busy", []) if "cpu_per_unit" in b}
     cells = {(c["workload"], c["impl"], c.get("variant", "")): c
              for c in doc.get("cells", []) if c.get("cpu_per_unit") is not None}
@@ -70,13 +77,14 @@ def rows(doc):
                 continue
             ct, cr = cell_text(c, base)
             pt, pr = cell_text(p, base)
-            ahead = p["cpu_per_unit"] / c["cpu_per_unit"]
             want = "≤ %.1f×" % target + (", ≥ %.1f× pure" % ahead_min if ahead_min > 1 else "")
-            ok = cr <= target and (ahead >= ahead_min if ahead_min > 1 else ahead > 1)
-            out.append(("%s (%s)" % (wid, mode), "CPU µs/%s" % ("iteration" if wid == "spin"
-                                                                else "message"),
-                        num(base), ct, pt, "%.2f×" % ahead, want, verdict(ok),
-                        verdict(pr <= PURE_MAX)))
+
+            def ok(cr, ahead, target=target, ahead_min=ahead_min):
+                return cr <= target and (ahead >= ahead_min if ahead_min > 1 else ahead > 1)
+            out.append(dict(row="%s (%s)" % (wid, mode),
+                            unit="CPU µs/%s" % ("iteration" if wid == "spin" else "message"),
+                            base=num(base), ct=ct, pt=pt, want=want, c=cr, p=pr,
+                            ahead=p["cpu_per_unit"] / c["cpu_per_unit"], ok=ok))
     for wid, var in TCP:
         std = [cells[(wid, s, var)]["cpu_per_unit"] for s in STD if (wid, s, var) in cells]
         c = cells.get((wid, "fastasyncore-cffi", var))
@@ -86,9 +94,10 @@ def rows(doc):
         base = min(std)
         ct, cr = cell_text(c, base)
         pt, pr = cell_text(p, base)
-        ahead = p["cpu_per_unit"] / c["cpu_per_unit"]
-        out.append((wid, "CPU s/100k req", num(base), ct, pt, "%.2f×" % ahead, "≤ 0.9×",
-                    verdict(cr <= 0.9 and ahead > 1), verdict(pr <= PURE_MAX)))
+        out.append(dict(row=wid, unit="CPU s/100k req", base=num(base), ct=ct, pt=pt,
+                        want="≤ 0.9×", c=cr, p=pr,
+                        ahead=p["cpu_per_unit"] / c["cpu_per_unit"],
+                        ok=lambda cr, ahead: cr <= 0.9 and ahead > 1))
     wid = "W4_client"
     std = [cells[(wid, s, "")] for s in STD if (wid, s, "") in cells]
     c = cells.get((wid, "fastasyncore-cffi", ""))
@@ -98,14 +107,75 @@ def rows(doc):
         ct, cr = cell_text(c, ref["throughput"], "req")
         pt, _ = cell_text(p, ref["throughput"], "req")
         pcpu = p["cpu_per_unit"] / ref["cpu_per_unit"]
-        ahead = p["cpu_per_unit"] / c["cpu_per_unit"]
-        out.append((wid, "req/s (CPU s/100k req)",
-                    "%s req/s (%s)" % (num(ref["throughput"]), num(ref["cpu_per_unit"])),
-                    ct + " req/s, CPU %.2f×" % (c["cpu_per_unit"] / ref["cpu_per_unit"]),
-                    pt + " req/s, CPU %.2f×" % pcpu, "%.2f×" % ahead,
-                    "≥ 1.1× stdlib req/s", verdict(cr >= 1.1 and ahead > 1),
-                    verdict(pcpu <= PURE_MAX)))
+        out.append(dict(row=wid, unit="req/s (CPU s/100k req)",
+                        base="%s req/s (%s)" % (num(ref["throughput"]), num(ref["cpu_per_unit"])),
+                        ct=ct + " req/s, CPU %.2f×" % (c["cpu_per_unit"] / ref["cpu_per_unit"]),
+                        pt=pt + " req/s, CPU %.2f×" % pcpu, want="≥ 1.1× stdlib req/s",
+                        c=cr, p=pcpu, ahead=p["cpu_per_unit"] / c["cpu_per_unit"],
+                        ok=lambda cr, ahead: cr >= 1.1 and ahead > 1))
     return out
+
+
+def rows(doc):
+    """The table's rows of one run, as tuples of cell texts."""
+    return [(m["row"], m["unit"], m["base"], m["ct"], m["pt"], "%.2f×" % m["ahead"],
+             m["want"], verdict(m["ok"](m["c"], m["ahead"])), verdict(m["p"] <= PURE_MAX))
+            for m in measures(doc)]
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def run_text(m):
+    """One run's compiled ratio; in bold where the target was missed, with
+    the lead over pure where that is what missed."""
+    if m["ok"](m["c"], m["ahead"]):
+        return "%.2f×" % m["c"]
+    if m["ok"](m["c"], float("inf")):
+        return "**%.2f× (ahead %.3f×)**" % (m["c"], m["ahead"])
+    return "**%.2f×**" % m["c"]
+
+
+def runs_rows(docs):
+    """Several runs side by side: per row each run's compiled and pure ratio
+    and compiled-over-pure lead, their medians over the runs, the verdicts
+    on those medians, and in how many runs each target was met.  Rows
+    missing from a run are left out of its count (k of the runs that have
+    the row)."""
+    per = [{m["row"]: m for m in measures(d)} for d in docs]
+    order = []
+    for run in per:
+        for r in run:
+            if r not in order:
+                order.append(r)
+    out = []
+    for r in order:
+        ms = [run[r] for run in per if r in run]
+        ok = ms[0]["ok"]
+        cs = [m["c"] for m in ms]
+        ps = [m["p"] for m in ms]
+        ahs = [m["ahead"] for m in ms]
+        runs_c = [run_text(m) for m in ms]
+        runs_p = ["%.2f×" % x if x <= PURE_MAX else "**%.2f×**" % x for x in ps]
+        out.append((r, ms[0]["want"], " / ".join(runs_c),
+                    "%.2f×, ahead %.2f×" % (median(cs), median(ahs)),
+                    verdict(ok(median(cs), median(ahs))),
+                    "%d of %d" % (sum(1 for m in ms if m["ok"](m["c"], m["ahead"])), len(ms)),
+                    " / ".join(runs_p), "%.2f×" % median(ps), verdict(median(ps) <= PURE_MAX),
+                    "%d of %d" % (sum(1 for x in ps if x <= PURE_MAX), len(ms))))
+    return out
+
+
+def runs_table(docs):
+    head = ("| row | target (compiled) | compiled × stdlib, each run | compiled: median of "
+            "runs | met on the median? | met in runs | pure × stdlib, each run | pure: "
+            "median | pure ≤ 1.10× on the median? | pure met in runs |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in runs_rows(docs)]
+    return "\n".join(lines)
 
 
 def table(doc):
@@ -119,19 +189,28 @@ def table(doc):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="a bench --json file")
+    p.add_argument("json", nargs="+", help="bench --json files (several: also a summary)")
     args = p.parse_args(argv)
-    with open(args.json) as f:
-        doc = json.load(f)
-    body = rows(doc)
-    if not body:
-        raise SystemExit("%s: none of issue 10's rows (run bench with the busy rows, "
-                         "W1_c100, W1_c1000, W4_client, chat_lines)" % args.json)
-    m = doc.get("meta", {})
-    print("%s, %s, %s (%s), %s run(s) per cell\n" % (
-        m.get("python", "?"), m.get("cpu", "?"), m.get("fastasyncore", "?"),
-        m.get("commit", "?"), m.get("runs_per_cell", "?")))
-    print(table(doc))
+    docs = []
+    for path in args.json:
+        with open(path) as f:
+            doc = json.load(f)
+        if not rows(doc):
+            raise SystemExit("%s: none of issue 10's rows (run bench with the busy rows, "
+                             "W1_c100, W1_c1000, W4_client, chat_lines)" % path)
+        docs.append((path, doc))
+    for path, doc in docs:
+        m = doc.get("meta", {})
+        print("%s%s, %s, %s (%s), %s run(s) per cell\n" % (
+            path + ": " if len(docs) > 1 else "",
+            m.get("python", "?"), m.get("cpu", "?"), m.get("fastasyncore", "?"),
+            m.get("commit", "?"), m.get("runs_per_cell", "?")))
+        print(table(doc))
+        print()
+    if len(docs) > 1:
+        print("%d runs: each row's ratio per run (misses in bold), the median of the "
+              "runs, and the verdicts on the medians\n" % len(docs))
+        print(runs_table([d for _, d in docs]))
     return 0
 
 

@@ -352,3 +352,42 @@ def test_user_and_kernel_table_from_runs():
     assert "| asyncore-poll | 0.4" in text
     # no split measured (another metric, or an older JSON): no table
     assert runner.split_table({}, [("W1_c100", "server", spec)], "stdlib") == ""
+
+
+def test_issue10_several_runs():
+    """benchmarks/issue10.py with several runs: each run's ratio, the median
+    of the runs and the verdict on it, and in how many runs a target was met
+    (a run without the row is not counted)."""
+    mod = _issue10_module()
+
+    def run(cffi, pure, w4=None):
+        cells = [_cell("W1_c100", "asyncore-select", 1.0), _cell("W1_c100", "asyncore-poll", 1.2),
+                 _cell("W1_c100", "fastasyncore-cffi", cffi),
+                 _cell("W1_c100", "fastasyncore-pure", pure)]
+        if w4 is not None:
+            cells += [_cell("W4_client", "asyncore-select", 2.0, 100.0),
+                      _cell("W4_client", "asyncore-poll", 2.0, 100.0),
+                      _cell("W4_client", "fastasyncore-cffi", 1.8, w4),
+                      _cell("W4_client", "fastasyncore-pure", 2.1, 95.0)]
+        return {"busy": [], "cells": cells}
+
+    docs = [run(0.85, 1.05, 120.0), run(0.95, 1.12, 105.0), run(0.88, 1.08)]
+    got = {r[0]: r for r in mod.runs_rows(docs)}
+    w1 = got["W1_c100"]
+    assert w1[2] == "0.85× / **0.95×** / 0.88×"
+    assert w1[3].startswith("0.88×")            # median of 0.85, 0.95, 0.88
+    assert w1[4] == "met" and w1[5] == "2 of 3"
+    assert w1[6] == "1.05× / **1.12×** / 1.08×" and w1[7] == "1.08×"
+    assert w1[8] == "met" and w1[9] == "2 of 3"
+    w4 = got["W4_client"]                        # only in the first two runs
+    assert w4[5] == "1 of 2"
+    assert w4[3].startswith("1.12×")            # median of 1.20 and 1.05
+    assert w4[4] == "met"
+    # a lead over pure below 1.3x is named where it is what missed
+    spin = [dict(_cell("spin", "asyncore-select", 2.0), mode="select"),
+            dict(_cell("spin", "asyncore-poll", 2.0), mode="select"),
+            dict(_cell("spin", "fastasyncore-cffi", 0.5), mode="select"),
+            dict(_cell("spin", "fastasyncore-pure", 0.6), mode="select")]
+    row = mod.runs_rows([{"busy": spin, "cells": []}])[0]
+    assert row[2] == "**0.25× (ahead 1.200×)**" and row[4] == "**missed**"
+    assert "| W1_c100 |" in mod.runs_table(docs)
