@@ -22,6 +22,7 @@ spin and the one-socketpair rows, ahead on every other row.
 import argparse
 import json
 import sys
+from statistics import median
 
 BUSY = [("spin", 0.5, 1.3), ("pp_docs_1", 0.8, 1.3), ("pp_docs_100", 0.9, 1.0),
         ("pp_dws_1", 0.8, 1.3), ("pp_dws_100", 0.9, 1.0)]
@@ -121,12 +122,6 @@ def rows(doc):
     return [(m["row"], m["unit"], m["base"], m["ct"], m["pt"], "%.2f×" % m["ahead"],
              m["want"], verdict(m["ok"](m["c"], m["ahead"])), verdict(m["p"] <= PURE_MAX))
             for m in measures(doc)]
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def run_text(m):
